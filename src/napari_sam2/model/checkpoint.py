@@ -1,0 +1,252 @@
+"""Official checkpoints: where they come from, how they are cached and loaded.
+
+Downloads go through pooch, which writes to a temporary file in the cache
+folder and moves it into place only after the SHA-256 sum matched, so an
+interrupted or corrupt download never leaves a file that looks complete.
+
+Loading is strict (``weights_only=True`` and ``strict=True``). A file that does
+not fit the requested model gets an error that says what it looks like.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from .config import SAM2Config, get_config
+from .sam2 import SAM2Model, build_model
+
+__all__ = [
+    "CHECKPOINTS",
+    "CheckpointError",
+    "CheckpointInfo",
+    "cache_dir",
+    "describe_state_dict",
+    "fetch_checkpoint",
+    "load_model",
+    "read_state_dict",
+]
+
+_BASE_20 = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
+_BASE_21 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """An official checkpoint file.
+
+    ``sha256`` is ``None`` where no published sum could be confirmed; such a
+    file is still downloaded atomically, and the sum pooch computes is
+    written beside it (``<file>.sha256``) so that later loads can be checked
+    against the first download.
+    """
+
+    url: str
+    sha256: Optional[str] = None
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+CHECKPOINTS: Dict[str, CheckpointInfo] = {
+    **{f"sam2_hiera_{s}": CheckpointInfo(f"{_BASE_20}sam2_hiera_{s}.pt") for s in ("tiny", "small", "base_plus", "large")},
+    **{f"sam2.1_hiera_{s}": CheckpointInfo(f"{_BASE_21}sam2.1_hiera_{s}.pt") for s in ("tiny", "small", "base_plus", "large")},
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be downloaded, read or matched to a model."""
+
+
+def cache_dir() -> Path:
+    """Per-user cache folder (``$NAPARI_SAM2_CACHE`` overrides it)."""
+    env = os.environ.get("NAPARI_SAM2_CACHE")
+    if env:
+        return Path(env)
+    import pooch
+
+    return Path(pooch.os_cache("napari-sam2"))
+
+
+def fetch_checkpoint(
+    url: str,
+    *,
+    sha256: Optional[str] = None,
+    folder: Optional[Union[str, Path]] = None,
+    progressbar: Union[bool, object] = True,
+    timeout: float = 30.0,
+) -> Path:
+    """Download ``url`` into ``folder`` (the cache by default) unless it is there.
+
+    Returns the local path. Raises :class:`CheckpointError` with the URL and the
+    place to put the file by hand when the download fails, and when the
+    downloaded bytes do not match ``sha256`` (nothing is left in the cache then).
+    """
+    import pooch
+
+    folder = Path(folder) if folder is not None else cache_dir()
+    filename = url.rsplit("/", 1)[-1]
+    target = folder / filename
+    if progressbar is True:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:  # pooch needs tqdm for its bar
+            progressbar = False
+    known = f"sha256:{sha256}" if sha256 else None
+    if target.exists() and known is None:
+        _check_recorded_sum(target)
+        return target
+    try:
+        path = pooch.retrieve(
+            url,
+            known_hash=known,
+            fname=filename,
+            path=folder,
+            downloader=pooch.HTTPDownloader(progressbar=progressbar, timeout=timeout),
+        )
+    except ValueError as err:  # pooch: hash mismatch; the temporary file is already gone
+        raise CheckpointError(
+            f"the file downloaded from {url} is corrupt or not the expected one "
+            f"(its SHA-256 sum does not match {sha256}); nothing was kept. "
+            f"Try again, or download it by hand and put it at {target}."
+        ) from err
+    except Exception as err:  # connection refused, timeout, interrupted transfer, HTTP error
+        raise CheckpointError(
+            f"could not download {url}: {err.__class__.__name__}: {err}. "
+            f"If this computer is offline, download the file on another one and put it at "
+            f"{target}, or pass its path as the checkpoint."
+        ) from err
+    path = Path(path)
+    if known is None:
+        _record_sum(path)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    import pooch
+
+    return pooch.file_hash(str(path), alg="sha256")
+
+
+def _record_sum(path: Path) -> None:
+    side = path.with_name(path.name + ".sha256")
+    if not side.exists():
+        tmp = side.with_name(side.name + ".tmp")
+        tmp.write_text(_sha256(path) + "\n")
+        os.replace(tmp, side)
+
+
+def _check_recorded_sum(path: Path) -> None:
+    side = path.with_name(path.name + ".sha256")
+    if side.exists():
+        expected = side.read_text().strip()
+        if expected and _sha256(path) != expected:
+            raise CheckpointError(
+                f"{path} changed since it was downloaded (SHA-256 differs from {side}); "
+                "delete both files to download it again."
+            )
+
+
+# ---------------------------------------------------------------- reading and checking
+
+_SIZES_BY_TRUNK: Mapping[Tuple[int, int], str] = {
+    (96, 12): "tiny",
+    (96, 16): "small",
+    (112, 24): "base_plus",
+    (144, 48): "large",
+}
+
+
+def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint file safely (``weights_only=True``) and return its state dict."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; a checkpoint is a single .pt file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). It may be truncated or not a "
+            "model file at all; download it again."
+        ) from err
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no model weights (expected a dict of tensors, or one under 'model')")
+    return dict(obj)
+
+
+def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
+    """A short human description of what a state dict looks like."""
+    keys = set(sd)
+    if "image_encoder.trunk.patch_embed.proj.weight" not in keys:
+        if any(k.startswith("mask_decoder.") for k in keys) and any("rel_pos" in k for k in keys):
+            return "a SAM 1 (segment-anything) checkpoint"
+        if any(k.startswith("sam_mask_decoder.") for k in keys):
+            return "a SAM 2 checkpoint without its image encoder"
+        return "not a SAM 2 checkpoint"
+    version = "2.1" if ("no_obj_embed_spatial" in keys or "obj_ptr_tpos_proj.weight" in keys) else "2.0"
+    dim = sd["image_encoder.trunk.patch_embed.proj.weight"].shape[0]
+    blocks = len({k.split(".")[3] for k in keys if k.startswith("image_encoder.trunk.blocks.")})
+    size = _SIZES_BY_TRUNK.get((dim, blocks), f"custom (width {dim}, {blocks} blocks)")
+    return f"a SAM {version} {size} checkpoint"
+
+
+def _expected_description(cfg: SAM2Config) -> str:
+    size = _SIZES_BY_TRUNK.get(
+        (cfg.trunk.embed_dim, sum(cfg.trunk.stages)),
+        f"custom (width {cfg.trunk.embed_dim}, {sum(cfg.trunk.stages)} blocks)",
+    )
+    return f"a SAM {cfg.version} {size} checkpoint"
+
+
+def load_weights(model: SAM2Model, sd: Mapping[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
+    """Strictly load ``sd`` into ``model``; explain a mismatch in one sentence."""
+    want = _expected_description(model.config)
+    have = describe_state_dict(sd)
+    own = model.state_dict()
+    mismatch = set(own) ^ set(sd) or {k for k in own if own[k].shape != sd[k].shape}
+    if mismatch:
+        raise CheckpointError(
+            f"{source} looks like {have}, but model {model.config.name!r} needs {want}. "
+            "Choose the matching model, or the matching checkpoint file."
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def load_model(
+    name: str = "sam2.1_hiera_tiny",
+    checkpoint: Optional[Union[str, Path]] = None,
+    *,
+    device: Union[str, torch.device, None] = "cpu",
+    image_size: Optional[int] = None,
+    progressbar: Union[bool, object] = True,
+) -> SAM2Model:
+    """Build model ``name`` and load its weights.
+
+    ``checkpoint`` is a local file; without it the official file is fetched
+    into the cache on first use.
+    """
+    cfg = get_config(name)
+    if image_size is not None:
+        cfg = cfg.with_image_size(image_size)
+    if checkpoint is None:
+        base = name.removesuffix("_512")
+        if base not in CHECKPOINTS:
+            raise CheckpointError(f"model {name!r} has no official download; pass a checkpoint file")
+        info = CHECKPOINTS[base]
+        checkpoint = fetch_checkpoint(info.url, sha256=info.sha256, progressbar=progressbar)
+    sd = read_state_dict(checkpoint)
+    model = build_model(cfg)
+    load_weights(model, sd, source=str(checkpoint))
+    return model.to(device).eval()

@@ -1,0 +1,241 @@
+"""Interactive segmentation of one 2D image.
+
+Example::
+
+    predictor = ImagePredictor(load_model("sam2.1_hiera_tiny"))
+    predictor.set_image(image, intensity_range=(100, 3000))
+    result = predictor.predict(points=[[120, 80]], labels=[1])
+    result.masks  # 3 x H x W bool (multimask by default for a single click)
+
+Coordinates are pixel coordinates of the image as given, in (x, y) order:
+x is the column, y the row, and pixel (r, c) has its centre at x = c, y = r.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .preprocess import InputError, check_image, check_range, default_intensity_range, resize_to_model, to_unit_rgb
+from .sam2 import FrameFeatures, SAM2Model
+
+
+@dataclass
+class Prediction:
+    """Result of :meth:`ImagePredictor.predict`.
+
+    With B boxes (B > 1) every array gains a leading B axis.
+    masks: M H W bool at the image's resolution; iou: M predicted IoU;
+    low_res_logits: M 4h 4w logits (pass one back as ``mask_input``);
+    object_score: logit that the object is present (> 0: present).
+    """
+
+    masks: np.ndarray
+    iou: np.ndarray
+    low_res_logits: np.ndarray
+    object_score: np.ndarray
+    logits: Optional[np.ndarray] = None
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    """bfloat16 autocast on the device's type, or nothing when dtype is None/float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class ImagePredictor:
+    """Caches one image's embedding and turns prompts into masks.
+
+    ``fast=True`` runs the model under bfloat16 autocast (CPUs with AVX-512
+    BF16 or AMX, recent GPUs); results are close to, not identical with,
+    float32 ones (see docs/benchmarks.md).
+    """
+
+    def __init__(self, model: SAM2Model, *, fast: bool = False, mask_threshold: float = 0.0) -> None:
+        self.model = model.eval()
+        self.fast = fast
+        self.mask_threshold = mask_threshold
+        self.reset_image()
+
+    # --------------------------------------------------------------- image
+
+    def reset_image(self) -> None:
+        self._features: Optional[FrameFeatures] = None
+        self._orig_hw: Optional[Tuple[int, int]] = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._features is not None
+
+    @property
+    def _amp(self):
+        return autocast_context(self.model.device, torch.bfloat16 if self.fast else None)
+
+    def prepare_image(self, image, intensity_range: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """The normalised 1 3 S S model input for ``image`` (see :meth:`set_image`)."""
+        arr = check_image(image)
+        rng = check_range(intensity_range) or default_intensity_range(arr)
+        unit = to_unit_rgb(arr, rng).to(self.model.device)
+        return self.model.normalize(resize_to_model(unit, self.model.image_size))
+
+    @torch.inference_mode()
+    def set_image(self, image, intensity_range: Optional[Sequence[float]] = None) -> None:
+        """Compute and cache the embedding of ``image``.
+
+        image: H x W (grey) or H x W x 3 (RGB); uint8, uint16, any int or float.
+        intensity_range: (low, high) mapped to black and white, e.g. napari's
+        contrast limits; default (0, 255) for uint8, else the image's min and max.
+        """
+        x = self.prepare_image(image, intensity_range)
+        arr_hw = np.shape(image)[:2]
+        with self._amp:
+            feats = self.model.frame_features(x)
+        # the image-only path adds the "no memory" embedding to the features
+        embed = feats.image_embed.float() + self.model.no_mem_embed.view(1, -1, 1, 1)
+        self._features = FrameFeatures(embed, [h.float() for h in feats.high_res], feats.pos.float())
+        self._orig_hw = (int(arr_hw[0]), int(arr_hw[1]))
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The cached 1 C h w embedding."""
+        self._require_image()
+        return self._features.image_embed
+
+    def _require_image(self) -> None:
+        if self._features is None:
+            raise InputError("no image is set: call set_image(image) before predict()")
+
+    # --------------------------------------------------------------- prompts
+
+    def _check_xy(self, xy: np.ndarray, name: str) -> None:
+        h, w = self._orig_hw
+        if not np.isfinite(xy).all():
+            raise InputError(f"{name} contain NaN or infinite coordinates")
+        x, y = xy[..., 0], xy[..., 1]
+        bad = (x < -0.5) | (x > w - 0.5) | (y < -0.5) | (y > h - 0.5)
+        if bad.any():
+            first = xy.reshape(-1, 2)[bad.reshape(-1)][0]
+            raise InputError(
+                f"{name} has a coordinate (x={first[0]:g}, y={first[1]:g}) outside the image "
+                f"(width {w}, height {h}); coordinates are (x, y) = (column, row) pixels"
+            )
+
+    def _prompts(self, points, labels, box):
+        """Validate and convert prompts to model-frame tensors (B P 2, B P)."""
+        h, w = self._orig_hw
+        s = self.model.image_size
+        scale = np.array([s / w, s / h], dtype=np.float32)
+        coords, labs = None, None
+        if points is not None or labels is not None:
+            if points is None or labels is None:
+                raise InputError("points and labels must be given together (labels: 1 positive, 0 negative)")
+            pts = np.asarray(points, dtype=np.float32)
+            lab = np.asarray(labels)
+            if pts.ndim == 2:
+                pts = pts[None]
+            if lab.ndim == 1:
+                lab = lab[None]
+            if pts.ndim != 3 or pts.shape[-1] != 2:
+                raise InputError(f"points must have shape (N, 2) as (x, y) pairs, got {np.shape(points)}")
+            if lab.shape != pts.shape[:2]:
+                raise InputError(f"labels must have one entry per point: {pts.shape[1]} points but labels of shape {np.shape(labels)}")
+            if not np.isin(lab, (0, 1)).all():
+                raise InputError("labels must be 1 (positive) or 0 (negative)")
+            self._check_xy(pts, "points")
+            coords, labs = pts * scale, lab.astype(np.int32)
+        if box is not None:
+            bx = np.asarray(box, dtype=np.float32)
+            if bx.ndim == 1:
+                bx = bx[None]
+            if bx.ndim != 2 or bx.shape[-1] != 4:
+                raise InputError(f"box must be (x0, y0, x1, y1) or an (N, 4) array of boxes, got shape {np.shape(box)}")
+            corners = bx.reshape(-1, 2, 2)
+            self._check_xy(corners, "box")
+            if (corners[:, 1] < corners[:, 0]).any():
+                raise InputError("box must be given as (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
+            bcoords = corners * scale
+            blabels = np.tile(np.array([[2, 3]], dtype=np.int32), (len(bx), 1))
+            if coords is not None:
+                if coords.shape[0] not in (1, len(bx)):
+                    raise InputError(f"{coords.shape[0]} point sets do not match {len(bx)} boxes")
+                coords = np.broadcast_to(coords, (len(bx),) + coords.shape[1:])
+                labs = np.broadcast_to(labs, (len(bx),) + labs.shape[1:])
+                coords = np.concatenate([bcoords, coords], axis=1)
+                labs = np.concatenate([blabels, labs], axis=1)
+            else:
+                coords, labs = bcoords, blabels
+        if coords is None:
+            return None, None
+        dev = self.model.device
+        return torch.from_numpy(np.ascontiguousarray(coords)).to(dev), torch.from_numpy(np.ascontiguousarray(labs)).to(dev)
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        points=None,
+        labels=None,
+        box=None,
+        mask_input=None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Segment the cached image.
+
+        points: N x 2 (x, y) pixels; labels: N (1 positive, 0 negative);
+        box: (x0, y0, x1, y1) or B x 4 for B objects at once;
+        mask_input: 1 x 4h x 4w (or 4h x 4w) logits from an earlier prediction.
+        """
+        self._require_image()
+        coords, labs = self._prompts(points, labels, box)
+        mask_t = None
+        if mask_input is not None:
+            m = np.asarray(mask_input, dtype=np.float32)
+            side = self.model.sam_prompt_encoder.mask_input_size
+            if m.ndim == 2:
+                m = m[None]
+            if m.ndim == 3:
+                m = m[:, None] if m.shape[0] > 1 else m[None]
+            if m.ndim != 4 or tuple(m.shape[-2:]) != tuple(side) or m.shape[1] != 1:
+                raise InputError(
+                    f"mask_input must be low-resolution logits of shape {side} (the low_res_logits "
+                    f"of an earlier prediction), got shape {np.shape(mask_input)}"
+                )
+            mask_t = torch.from_numpy(m).to(self.model.device)
+        if coords is None and mask_t is None:
+            raise InputError("give at least one prompt: points with labels, a box, or mask_input")
+        feats = self._features
+        with self._amp:
+            batch = coords.shape[0] if coords is not None else mask_t.shape[0]
+            sparse, dense = self.model.sam_prompt_encoder(
+                (coords, labs) if coords is not None else None, mask_t, batch_size=batch
+            )
+            dec = self.model.sam_mask_decoder(
+                image_embeddings=feats.image_embed,
+                image_pe=self.model.sam_prompt_encoder.dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+                repeat_image=sparse.shape[0] > 1,
+                high_res_features=feats.high_res,
+            )
+        low = dec.masks.float()
+        full = F.interpolate(low, size=self._orig_hw, mode="bilinear", align_corners=False)
+        low = low.clamp(-32.0, 32.0)
+        out = Prediction(
+            masks=(full > self.mask_threshold).cpu().numpy(),
+            iou=dec.iou.float().cpu().numpy(),
+            low_res_logits=low.cpu().numpy(),
+            object_score=dec.object_score.float().cpu().numpy()[:, 0],
+            logits=full.cpu().numpy() if return_logits else None,
+        )
+        if out.masks.shape[0] == 1:  # one object: drop the batch axis
+            out = Prediction(
+                out.masks[0], out.iou[0], out.low_res_logits[0], out.object_score[0],
+                None if out.logits is None else out.logits[0],
+            )
+        return out
