@@ -11,8 +11,6 @@ not fit the requested model gets an error that says what it looks like.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
@@ -173,7 +171,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is a folder; a checkpoint is a single .pt file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, UnicodeDecodeError, ValueError) as err:
+    except Exception as err:  # torch raises many kinds (UnpicklingError, KeyError, RuntimeError...)
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({err.__class__.__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). It may be truncated or not a "
@@ -241,10 +239,12 @@ def load_model(
     if image_size is not None:
         cfg = cfg.with_image_size(image_size)
     if checkpoint is None:
-        base = name.removesuffix("_512")
-        if base not in CHECKPOINTS:
-            raise CheckpointError(f"model {name!r} has no official download; pass a checkpoint file")
-        info = CHECKPOINTS[base]
+        if name not in CHECKPOINTS:
+            raise CheckpointError(
+                f"model {name!r} has no official download (e.g. MedSAM2's 512 px fine-tune); "
+                "pass the checkpoint file you have for it"
+            )
+        info = CHECKPOINTS[name]
         checkpoint = fetch_checkpoint(info.url, sha256=info.sha256, progressbar=progressbar)
     sd = read_state_dict(checkpoint)
     model = build_model(cfg)

@@ -91,6 +91,7 @@ class MaskDecoder(nn.Module):
         multimask_output: bool,
         repeat_image: bool,
         high_res_features: Optional[List[torch.Tensor]] = None,
+        cache: Optional[dict] = None,
     ) -> DecoderOutput:
         """Predict masks.
 
@@ -110,7 +111,7 @@ class MaskDecoder(nn.Module):
         pos = torch.repeat_interleave(image_pe, b, dim=0)
         _, c, h, w = src.shape
 
-        hs, src = self.transformer(src, pos, tokens)  # B T C, B hw C
+        hs, src = self.transformer(src, pos, tokens, cache=cache)  # B T C, B hw C
         iou_token_out = hs[:, s, :]
         mask_tokens_out = hs[:, s + 1 : s + 1 + self.num_mask_tokens, :]  # B 4 C
 

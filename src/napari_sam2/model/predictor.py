@@ -68,6 +68,8 @@ class ImagePredictor:
     def reset_image(self) -> None:
         self._features: Optional[FrameFeatures] = None
         self._orig_hw: Optional[Tuple[int, int]] = None
+        # decoder projections that depend on the image only (valid without a mask prompt)
+        self._decoder_cache: dict = {}
 
     @property
     def is_image_set(self) -> bool:
@@ -99,6 +101,7 @@ class ImagePredictor:
         # the image-only path adds the "no memory" embedding to the features
         embed = feats.image_embed.float() + self.model.no_mem_embed.view(1, -1, 1, 1)
         self._features = FrameFeatures(embed, [h.float() for h in feats.high_res], feats.pos.float())
+        self._decoder_cache = {}
         self._orig_hw = (int(arr_hw[0]), int(arr_hw[1]))
 
     def get_image_embedding(self) -> torch.Tensor:
@@ -222,6 +225,7 @@ class ImagePredictor:
                 multimask_output=multimask_output,
                 repeat_image=sparse.shape[0] > 1,
                 high_res_features=feats.high_res,
+                cache=self._decoder_cache if mask_t is None else None,
             )
         low = dec.masks.float()
         full = F.interpolate(low, size=self._orig_hw, mode="bilinear", align_corners=False)

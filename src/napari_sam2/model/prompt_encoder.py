@@ -48,10 +48,18 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        self._dense_pe = None  # (gaussian matrix version, device, tensor)
 
     def dense_pe(self) -> torch.Tensor:
-        """Position encoding of the image embedding grid: 1 C h w."""
-        return self.pe_layer.grid(self.image_embedding_size).unsqueeze(0)
+        """Position encoding of the image embedding grid: 1 C h w (cached)."""
+        g = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (g._version, g.data_ptr(), g.device)
+        if self._dense_pe is None or self._dense_pe[0] != key or torch.is_grad_enabled():
+            pe = self.pe_layer.grid(self.image_embedding_size).unsqueeze(0)
+            if torch.is_grad_enabled():
+                return pe
+            self._dense_pe = (key, pe)
+        return self._dense_pe[1]
 
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """B N 2 coords, B N labels -> B N C sparse embeddings."""

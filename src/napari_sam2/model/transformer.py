@@ -47,8 +47,32 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # B nH Nq Ch
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._attend(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v)))
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        cache: Optional[dict] = None,
+        cache_as: Tuple[Optional[str], Optional[str], Optional[str]] = (None, None, None),
+    ) -> torch.Tensor:
+        """Attend; projections named in ``cache_as`` are read from / stored in ``cache``.
+
+        Used for projections that depend only on the image (not on the prompt),
+        so that repeated prompts on one image skip them.
+        """
+        projected = []
+        for x, proj, name in zip((q, k, v), (self.q_proj, self.k_proj, self.v_proj), cache_as):
+            if cache is not None and name is not None:
+                hit = cache.get(name)
+                if hit is None:
+                    hit = cache[name] = self._heads(proj(x))
+                if hit.shape[0] != x.shape[0]:
+                    hit = hit.expand(x.shape[0], -1, -1, -1)
+                projected.append(hit)
+            else:
+                projected.append(self._heads(proj(x)))
+        return self._attend(*projected)
 
 
 class RoPEAttention(Attention):
@@ -134,7 +158,9 @@ class TwoWayAttentionBlock(nn.Module):
         )
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries, keys, query_pe, key_pe):
+    def forward(self, queries, keys, query_pe, key_pe, cache: Optional[dict] = None):
+        """queries B N C, keys B hw C. ``cache`` (first layer only) keeps the
+        image-side projections, which do not depend on the prompt."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -144,11 +170,13 @@ class TwoWayAttentionBlock(nn.Module):
 
         k = keys + key_pe
         q = queries + query_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm2(
+            queries + self.cross_attn_token_to_image(q, k, keys, cache=cache, cache_as=(None, "t2i_k", "t2i_v"))
+        )
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries, cache=cache, cache_as=("i2t_q", None, None)))
         return queries, keys
 
 
@@ -173,12 +201,14 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, downsample_rate=2)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor):
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, cache: Optional[dict] = None):
+        """``cache``: a dict owned by the caller for one image and one dense
+        prompt (e.g. "no mask"); it must be emptied when either changes."""
         keys = image.flatten(2).transpose(1, 2)  # B hw C
         key_pe = image_pe.flatten(2).transpose(1, 2)  # B hw C
         queries = tokens
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, key_pe)
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer(queries, keys, tokens, key_pe, cache=cache if i == 0 else None)
         q = queries + tokens
         k = keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
