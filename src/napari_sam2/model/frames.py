@@ -1,0 +1,95 @@
+"""Lazy access to the slices of a stack, converted for the model one at a time.
+
+A :class:`FrameSource` wraps any array-like of shape (N, H, W) or (N, H, W, C)
+— numpy arrays and memmaps, dask and zarr arrays, tifffile-backed arrays —
+and reads a slice only when it is asked for. One intensity mapping serves the
+whole stack: given limits (e.g. napari's contrast limits), or robust
+percentiles computed once from a sample of slices.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .preprocess import InputError, check_range, resize_to_model, to_unit_rgb
+
+
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "compute"):  # dask
+        x = x.compute()
+    return np.asarray(x)
+
+
+class FrameSource:
+    """Slices of a stack, read lazily.
+
+    frames: array-like (N, H, W) or (N, H, W, C), C in 1, 3, 4.
+    intensity_range: (low, high) mapped to black..white for every slice; default:
+    (0, 255) for uint8, else the 0.5 / 99.5 percentiles of up to ``sample`` slices.
+    """
+
+    def __init__(
+        self,
+        frames,
+        intensity_range: Optional[Sequence[float]] = None,
+        *,
+        percentiles: Tuple[float, float] = (0.5, 99.5),
+        sample: int = 16,
+    ) -> None:
+        shape = tuple(getattr(frames, "shape", ()))
+        if len(shape) == 2:
+            raise InputError(
+                f"a stack is needed (N, H, W) or (N, H, W, C), got a single 2D image of shape {shape}; "
+                "use ImagePredictor for one image, or add a leading axis"
+            )
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
+            raise InputError(f"frames must have shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {shape}")
+        if shape[0] == 0:
+            raise InputError("the stack is empty (0 slices)")
+        if shape[1] == 0 or shape[2] == 0:
+            raise InputError(f"slices are empty (shape {shape})")
+        dtype = np.dtype(getattr(frames, "dtype", np.float32))
+        if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+            raise InputError(f"frames must hold real numbers, got dtype {dtype}")
+        self.frames = frames
+        self.dtype = dtype
+        self.num_frames = int(shape[0])
+        self.height, self.width = int(shape[1]), int(shape[2])
+        rng = check_range(intensity_range)
+        if rng is None:
+            rng = self._estimate_range(percentiles, sample)
+        self.intensity_range = rng
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(H, W) of one slice."""
+        return self.height, self.width
+
+    def _estimate_range(self, percentiles, sample) -> Tuple[float, float]:
+        if self.dtype == np.uint8:
+            return 0.0, 255.0
+        idx = np.unique(np.linspace(0, self.num_frames - 1, min(sample, self.num_frames)).round().astype(int))
+        values = np.concatenate([self.read(i).ravel() for i in idx]).astype(np.float64)
+        lo, hi = np.percentile(values, percentiles)
+        if hi <= lo:
+            lo, hi = float(values.min()), float(values.max())
+        return float(lo), float(hi)
+
+    def read(self, index: int) -> np.ndarray:
+        """The raw slice ``index`` as numpy (H, W) or (H, W, C); checks for NaN."""
+        if not 0 <= index < self.num_frames:
+            raise InputError(f"slice {index} is outside the stack (0..{self.num_frames - 1})")
+        arr = _as_numpy(self.frames[index])
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise InputError(f"slice {index} contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
+        return arr
+
+    def model_input(self, index: int, size: int) -> torch.Tensor:
+        """Slice ``index`` as a 1 3 size size tensor in [0, 1] (not yet normalised)."""
+        return resize_to_model(to_unit_rgb(self.read(index), self.intensity_range), size)

@@ -1,0 +1,460 @@
+"""Segment objects through a z-stack or time series: the stack session.
+
+Example::
+
+    session = StackSession(model, volume, intensity_range=(100, 3000))
+    session.add_points(frame=20, obj_id=1, points=[[64, 80]], labels=[1])
+    for z, masks in session.propagate("both"):
+        labels[z][masks[1]] = 1
+
+Slices are "frames" in SAM 2's terms. Coordinates are (x, y) pixels of a slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .frames import FrameSource
+from .postprocess import fill_holes, non_overlapping
+from .preprocess import InputError
+from .sam2 import NO_OBJ_SCORE, FrameFeatures, SAM2Model
+from .tracking import FrameOutput, PointPrompt, encode_memory, track_step, upsample_to_model
+
+__all__ = ["StackSession", "FeatureCache", "ObjectState"]
+
+
+class FeatureCache:
+    """Image features of recently used slices, bounded by a byte budget (LRU)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: "OrderedDict[int, FrameFeatures]" = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: int) -> Optional[FrameFeatures]:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: int, feats: FrameFeatures) -> None:
+        if key in self._items:
+            self.nbytes -= self._items.pop(key).nbytes
+        self._items[key] = feats
+        self.nbytes += feats.nbytes
+        while self.nbytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._items
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
+@dataclass
+class ObjectState:
+    """Everything the session knows about one object."""
+
+    obj_id: int
+    points: Dict[int, PointPrompt] = field(default_factory=dict)
+    masks: Dict[int, torch.Tensor] = field(default_factory=dict)  # frame -> 1 1 S S mask prompt
+    cond: Dict[int, FrameOutput] = field(default_factory=dict)  # conditioning frames (prompted)
+    non_cond: Dict[int, FrameOutput] = field(default_factory=dict)  # tracked frames
+    pending_cond: Dict[int, FrameOutput] = field(default_factory=dict)  # prompted, memory not encoded yet
+    pending_non_cond: Dict[int, FrameOutput] = field(default_factory=dict)
+    tracked: Dict[int, bool] = field(default_factory=dict)  # frame -> tracked in reverse?
+
+    def latest(self, frame: int) -> Optional[FrameOutput]:
+        for d in (self.pending_cond, self.pending_non_cond, self.cond, self.non_cond):
+            if frame in d:
+                return d[frame]
+        return None
+
+    @property
+    def prompted_frames(self) -> List[int]:
+        return sorted(set(self.points) | set(self.masks))
+
+
+class StackSession:
+    """Interactive tracking of objects through the slices of a stack.
+
+    model: a loaded :class:`SAM2Model` (its device is the compute device).
+    frames: a :class:`FrameSource` or any array-like (N, H, W) / (N, H, W, C).
+    intensity_range: black..white mapping for all slices (ignored for a FrameSource).
+    fill_hole_area: fill background specks up to this many low-res pixels (the
+    reference's default is 8). non_overlap: keep objects from overlapping.
+    corrections_as_conditioning: prompts on an already tracked slice make it a
+    conditioning slice, kept when propagating again (the reference keeps it only
+    in memory; False reproduces that). feature_cache_mb: byte budget for cached
+    slice features. offload_state: keep memories on the CPU while computing on
+    a GPU. fast: bfloat16 autocast.
+    """
+
+    def __init__(
+        self,
+        model: SAM2Model,
+        frames: Union[FrameSource, "np.ndarray"],
+        *,
+        intensity_range: Optional[Sequence[float]] = None,
+        fill_hole_area: int = 8,
+        non_overlap: bool = False,
+        corrections_as_conditioning: bool = False,
+        feature_cache_mb: float = 256,
+        offload_state: bool = False,
+        fast: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        self.frames = frames if isinstance(frames, FrameSource) else FrameSource(frames, intensity_range)
+        self.num_frames = len(self.frames)
+        self.height, self.width = self.frames.shape
+        self.fill_hole_area = int(fill_hole_area)
+        self.non_overlap = non_overlap
+        self.corrections_as_conditioning = corrections_as_conditioning
+        self.device = model.device
+        self.storage_device = torch.device("cpu") if offload_state else self.device
+        self.fast = fast
+        self.features = FeatureCache(int(feature_cache_mb * 2**20))
+        self.objects: "OrderedDict[int, ObjectState]" = OrderedDict()
+        self._maskmem_pos: Optional[torch.Tensor] = None
+        # frames that must keep their memory: the attention window around prompts
+        self._window = max(model.num_maskmem, model.config.max_obj_ptrs_in_encoder)
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def obj_ids(self) -> List[int]:
+        return list(self.objects)
+
+    def _amp(self):
+        if not self.fast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _check_frame(self, frame: int) -> int:
+        if not isinstance(frame, (int, np.integer)) or not 0 <= int(frame) < self.num_frames:
+            raise InputError(f"slice {frame} is outside the stack (0..{self.num_frames - 1})")
+        return int(frame)
+
+    def _object(self, obj_id: int, create: bool = False) -> ObjectState:
+        obj_id = int(obj_id)
+        if obj_id not in self.objects:
+            if not create:
+                raise InputError(f"unknown object id {obj_id}; known objects: {self.obj_ids or 'none yet'}")
+            self.objects[obj_id] = ObjectState(obj_id)
+        return self.objects[obj_id]
+
+    def frame_features(self, frame: int) -> FrameFeatures:
+        """Features of one slice (computed once, then cached within the budget)."""
+        frame = self._check_frame(frame)
+        feats = self.features.get(frame)
+        if feats is None:
+            x = self.frames.model_input(frame, self.model.image_size).to(self.device)
+            with torch.inference_mode(), self._amp():
+                feats = self.model.frame_features(self.model.normalize(x))
+            feats = FrameFeatures(feats.image_embed.float(), [h.float() for h in feats.high_res], feats.pos.float())
+            self.features.put(frame, feats)
+        return feats
+
+    def prefetch(self, frames: Sequence[int]) -> None:
+        """Compute features ahead (e.g. the slices next to the one on screen)."""
+        for f in frames:
+            if 0 <= f < self.num_frames and f not in self.features:
+                self.frame_features(f)
+
+    def _maskmem_pos_tokens(self, feats: FrameFeatures) -> torch.Tensor:
+        if self._maskmem_pos is None:
+            h, w = feats.image_embed.shape[-2:]
+            probe = feats.image_embed.new_zeros(1, self.model.mem_dim, h, w)
+            pos = self.model.memory_encoder.position_encoding(probe)  # 1 mem_dim h w
+            self._maskmem_pos = pos.flatten(2).transpose(1, 2).contiguous()  # 1 hw mem_dim
+        return self._maskmem_pos
+
+    # ------------------------------------------------------------------ prompts
+
+    def _to_model_xy(self, xy: np.ndarray, name: str) -> np.ndarray:
+        h, w = self.height, self.width
+        if not np.isfinite(xy).all():
+            raise InputError(f"{name} contain NaN or infinite coordinates")
+        bad = (xy[..., 0] < -0.5) | (xy[..., 0] > w - 0.5) | (xy[..., 1] < -0.5) | (xy[..., 1] > h - 0.5)
+        if bad.any():
+            x, y = xy.reshape(-1, 2)[bad.reshape(-1)][0]
+            raise InputError(
+                f"{name} has a coordinate (x={x:g}, y={y:g}) outside the slice (width {w}, height {h}); "
+                "coordinates are (x, y) = (column, row) pixels"
+            )
+        s = self.model.image_size
+        return xy * np.array([s / w, s / h], dtype=np.float32)
+
+    @torch.inference_mode()
+    def add_points(
+        self,
+        frame: int,
+        obj_id: int,
+        points=None,
+        labels=None,
+        box=None,
+        *,
+        clear: bool = True,
+        return_logits: bool = False,
+    ) -> Dict[int, np.ndarray]:
+        """Add clicks and/or a box for one object on one slice; returns the slice's masks.
+
+        points: N x 2 (x, y); labels: N (1 positive, 0 negative); box: (x0, y0, x1, y1).
+        clear=False adds the clicks to this slice's earlier ones (not with a box).
+        Returns {object id: H x W bool mask (or float logits)} for every object on this slice.
+        """
+        frame = self._check_frame(frame)
+        if (points is None) != (labels is None):
+            raise InputError("points and labels must be given together (labels: 1 positive, 0 negative)")
+        if points is None and box is None:
+            raise InputError("give points with labels, or a box")
+        pts = np.zeros((0, 2), np.float32) if points is None else np.asarray(points, np.float32).reshape(-1, 2)
+        lab = np.zeros((0,), np.int32) if labels is None else np.asarray(labels).reshape(-1)
+        if points is not None and np.asarray(points).ndim != 2:
+            raise InputError(f"points must have shape (N, 2) as (x, y) pairs, got {np.shape(points)}")
+        if len(lab) != len(pts):
+            raise InputError(f"labels must have one entry per point: {len(pts)} points, {len(lab)} labels")
+        if not np.isin(lab, (0, 1)).all():
+            raise InputError("labels must be 1 (positive) or 0 (negative)")
+        pts = self._to_model_xy(pts, "points")
+        if box is not None:
+            bx = np.asarray(box, np.float32).reshape(-1)
+            if bx.shape != (4,):
+                raise InputError(f"box must be (x0, y0, x1, y1), got {np.shape(box)}")
+            if bx[2] < bx[0] or bx[3] < bx[1]:
+                raise InputError("box must be given as (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
+            if not clear:
+                raise InputError("a box replaces the slice's earlier prompts: use clear=True with a box")
+            pts = np.concatenate([self._to_model_xy(bx.reshape(2, 2), "box"), pts])
+            lab = np.concatenate([[2, 3], lab])
+        obj = self._object(obj_id, create=True)
+        new = PointPrompt(
+            torch.from_numpy(pts[None].copy()).to(self.device),
+            torch.from_numpy(lab[None].astype(np.int32)).to(self.device),
+        )
+        old = obj.points.get(frame)
+        prompt = new if (clear or old is None) else old.extended(new.coords, new.labels)
+        obj.points[frame] = prompt
+        obj.masks.pop(frame, None)
+        return self._run_prompted(obj, frame, prompt=prompt, mask=None, return_logits=return_logits)
+
+    @torch.inference_mode()
+    def add_mask(self, frame: int, obj_id: int, mask, *, return_logits: bool = False) -> Dict[int, np.ndarray]:
+        """Give an object's mask on one slice (H x W, bool or 0/1); returns the slice's masks."""
+        frame = self._check_frame(frame)
+        m = np.asarray(mask)
+        if m.shape != (self.height, self.width):
+            raise InputError(f"mask must have the slice's shape {(self.height, self.width)}, got {m.shape}")
+        t = torch.from_numpy(m.astype(np.float32) > 0).float()[None, None].to(self.device)
+        s = self.model.image_size
+        if t.shape[-2:] != (s, s):
+            t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            t = (t >= 0.5).float()
+        obj = self._object(obj_id, create=True)
+        obj.masks[frame] = t
+        obj.points.pop(frame, None)
+        return self._run_prompted(obj, frame, prompt=None, mask=t, return_logits=return_logits)
+
+    def _run_prompted(self, obj: ObjectState, frame: int, *, prompt, mask, return_logits: bool):
+        is_init = frame not in obj.tracked
+        reverse = False if is_init else obj.tracked[frame]
+        is_cond = is_init or self.corrections_as_conditioning
+        prev = None
+        if prompt is not None:
+            earlier = (obj.pending_cond if is_cond else obj.pending_non_cond).get(frame)
+            if earlier is None:
+                earlier = obj.cond.get(frame) or obj.non_cond.get(frame)
+            if earlier is not None and earlier.pred_masks is not None:
+                prev = earlier.pred_masks.to(self.device).clamp(-32.0, 32.0)
+        feats = self.frame_features(frame)
+        with self._amp():
+            heads = track_step(
+                self.model, feats, frame,
+                is_init_cond_frame=is_init, prompt=prompt, mask_input=mask,
+                cond=obj.cond, non_cond=obj.non_cond, maskmem_pos=self._maskmem_pos_tokens(feats),
+                reverse=reverse, num_frames=self.num_frames, prev_mask_logits=prev,
+            )
+        out = self._compact(heads.low_res_masks, heads.obj_ptr, heads.object_score_logits, None)
+        (obj.pending_cond if is_cond else obj.pending_non_cond)[frame] = out
+        if is_cond:
+            obj.pending_non_cond.pop(frame, None)
+        return self._frame_result(frame, return_logits)
+
+    def _compact(self, low_res, obj_ptr, score, maskmem) -> FrameOutput:
+        low_res = fill_holes(low_res.float(), self.fill_hole_area)
+        st = self.storage_device
+        return FrameOutput(
+            pred_masks=low_res.to(st),
+            obj_ptr=obj_ptr.float().to(st),
+            object_score_logits=score.float().to(st),
+            maskmem_features=None if maskmem is None else maskmem.to(torch.bfloat16).to(st),
+        )
+
+    def _frame_result(self, frame: int, return_logits: bool) -> Dict[int, np.ndarray]:
+        side = 4 * self.model.config.embedding_size
+        lows = []
+        for obj in self.objects.values():
+            out = obj.latest(frame)
+            if out is None or out.pred_masks is None:  # nothing known for this object here
+                lows.append(torch.full((1, 1, side, side), NO_OBJ_SCORE))
+            else:
+                lows.append(out.pred_masks.float().cpu())
+        return self._to_slice(torch.cat(lows, dim=0), return_logits) if lows else {}
+
+    def _to_slice(self, low_res: torch.Tensor, return_logits: bool) -> Dict[int, np.ndarray]:
+        """B 1 4h 4w logits (one row per object) -> {obj_id: H x W mask or logits}."""
+        full = F.interpolate(low_res.float(), size=(self.height, self.width), mode="bilinear", align_corners=False)
+        if self.non_overlap:
+            full = non_overlapping(full)
+        full = full[:, 0].cpu().numpy()
+        return {oid: (full[i] if return_logits else full[i] > 0) for i, oid in enumerate(self.objects)}
+
+    # ------------------------------------------------------------------ editing
+
+    @torch.inference_mode()
+    def clear_frame(self, frame: int, obj_id: int) -> None:
+        """Forget one object's prompts on one slice (its tracked result stays as memory)."""
+        frame = self._check_frame(frame)
+        obj = self._object(obj_id)
+        obj.points.pop(frame, None)
+        obj.masks.pop(frame, None)
+        obj.pending_cond.pop(frame, None)
+        obj.pending_non_cond.pop(frame, None)
+        out = obj.cond.pop(frame, None)
+        if out is not None:
+            obj.non_cond[frame] = out
+            obj.tracked.pop(frame, None)
+
+    def remove_object(self, obj_id: int) -> None:
+        """Drop an object and everything the session holds for it."""
+        self._object(obj_id)
+        del self.objects[int(obj_id)]
+
+    def reset(self) -> None:
+        """Drop all objects and prompts (cached slice features are kept)."""
+        self.objects.clear()
+
+    # ------------------------------------------------------------------ propagation
+
+    def _commit_pending(self) -> None:
+        """Encode memories of prompted slices and move them into the memory bank."""
+        if not self.objects:
+            raise InputError("no object has a prompt yet: add points, a box or a mask first")
+        for obj in self.objects.values():
+            for pending, bank in ((obj.pending_non_cond, obj.non_cond), (obj.pending_cond, obj.cond)):
+                for frame, out in pending.items():
+                    if out.maskmem_features is None:
+                        feats = self.frame_features(frame)
+                        with self._amp():
+                            high = upsample_to_model(self.model, out.pred_masks.to(self.device))
+                            mem = encode_memory(self.model, feats, high, out.object_score_logits.to(self.device), from_clicks=True)
+                        out.maskmem_features = mem.to(torch.bfloat16).to(self.storage_device)
+                    bank[frame] = out
+                pending.clear()
+            if not obj.cond:
+                raise InputError(f"object {obj.obj_id} has no prompt on any slice; add one or remove the object")
+            for frame in obj.cond:
+                obj.non_cond.pop(frame, None)
+
+    def _prune(self, obj: ObjectState, frame: int, reverse: bool) -> None:
+        """Drop memories the model can no longer attend to: behind the direction of travel by
+        more than the attention window, and not within the window of a prompted slice."""
+        w = self._window
+        limit = frame + w if reverse else frame - w
+        for t, out in obj.non_cond.items():
+            behind = t > limit if reverse else t < limit
+            if behind and out.maskmem_features is not None:
+                if not any(abs(t - c) <= w for c in obj.cond):
+                    out.maskmem_features = None
+                    out.pred_masks = None
+
+    def _order(self, direction: str, start: Optional[int], frame_range) -> List[Tuple[List[int], bool]]:
+        lo, hi = 0, self.num_frames - 1
+        if frame_range is not None:
+            lo, hi = (self._check_frame(int(v)) for v in frame_range)
+            if hi < lo:
+                raise InputError(f"frame_range must be (first, last) with first <= last, got {frame_range}")
+        if start is None:
+            prompted = [t for o in self.objects.values() for t in o.cond if lo <= t <= hi]
+            if not prompted:
+                raise InputError(f"no prompted slice inside the range {lo}..{hi}")
+            start = min(prompted)
+        start = self._check_frame(start)
+        if direction not in ("forward", "backward", "both"):
+            raise InputError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+        passes = []
+        if direction in ("forward", "both"):
+            passes.append((list(range(start, hi + 1)), False))
+        if direction in ("backward", "both") and start > lo:
+            # "both" already yielded the start slice in its forward pass
+            first = start - 1 if direction == "both" else start
+            passes.append((list(range(first, lo - 1, -1)), True))
+        return passes
+
+    def propagate(
+        self,
+        direction: str = "both",
+        *,
+        start: Optional[int] = None,
+        frame_range: Optional[Tuple[int, int]] = None,
+        return_logits: bool = False,
+    ) -> Iterator[Tuple[int, Dict[int, np.ndarray]]]:
+        """Track every object from the prompted slices; yields (slice, {obj_id: mask}).
+
+        direction: "forward" (increasing index), "backward" or "both" (forward
+        first, then backward from the start). start: the first slice (default:
+        the first prompted slice in range). frame_range: (first, last) inclusive
+        slices to stay within. Stop iterating at any time: slices already
+        yielded stay valid, and the session can propagate again later.
+        """
+        with torch.inference_mode():
+            self._commit_pending()
+            passes = self._order(direction, start, frame_range)
+        for order, reverse in passes:
+            for frame in order:
+                with torch.inference_mode():
+                    result = self._propagate_frame(frame, reverse, return_logits)
+                yield frame, result  # no grad mode is held while the caller runs
+
+    def _propagate_frame(self, frame: int, reverse: bool, return_logits: bool) -> Dict[int, np.ndarray]:
+        lows = []
+        for obj in self.objects.values():
+            if frame in obj.cond:  # prompted slice: keep its result
+                low = obj.cond[frame].pred_masks.to(self.device)
+            else:
+                low = self._track(obj, frame, reverse)
+            obj.tracked[frame] = reverse
+            lows.append(low.float())
+            self._prune(obj, frame, reverse)
+        return self._to_slice(torch.cat(lows, dim=0), return_logits)
+
+    def _track(self, obj: ObjectState, frame: int, reverse: bool) -> torch.Tensor:
+        feats = self.frame_features(frame)
+        with self._amp():
+            heads = track_step(
+                self.model, feats, frame,
+                is_init_cond_frame=False, prompt=None, mask_input=None,
+                cond=obj.cond, non_cond=obj.non_cond, maskmem_pos=self._maskmem_pos_tokens(feats),
+                reverse=reverse, num_frames=self.num_frames,
+            )
+            mem = encode_memory(self.model, feats, heads.high_res_masks, heads.object_score_logits, from_clicks=False)
+        out = self._compact(heads.low_res_masks, heads.obj_ptr, heads.object_score_logits, mem)
+        obj.non_cond[frame] = out
+        return out.pred_masks
+
+    # ------------------------------------------------------------------ accounting
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes held in per-object memories (not counting the feature cache)."""
+        return sum(out.nbytes for o in self.objects.values() for d in (o.cond, o.non_cond, o.pending_cond, o.pending_non_cond) for out in d.values())
