@@ -26,16 +26,29 @@ def require_reference():
     return pytest.importorskip("sam2.build_sam", reason="Meta's sam2==1.1.0 is not installed (see .ci/run)")
 
 
+# learned embeddings that start near zero: given unit-scale values so that the
+# tests notice when one is used in the wrong place
+_EMBEDDINGS = (
+    "maskmem_tpos_enc", "no_mem_embed", "no_mem_pos_enc", "no_obj_ptr", "no_obj_embed_spatial",
+    "trunk.pos_embed", "trunk.pos_embed_window",
+)
+
+
 def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
-    """Perturb every parameter and buffer so that no weight keeps a constant init."""
+    """Perturb every parameter and buffer so that no weight keeps a constant init,
+    and give the small learned embeddings values of order one."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.is_floating_point():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if name.endswith(_EMBEDDINGS) or name.endswith("obj_ptr_tpos_proj.bias"):
+                t.copy_(0.5 * torch.randn(t.shape, generator=g))
+            else:
                 t.add_(scale * torch.randn(t.shape, generator=g))
 
 
-def build_reference(name: str, *, seed: int, image_size: int = 1024, video: bool = False, extra=()):  # noqa: D417
+def build_reference(name: str, *, seed: int, image_size: int = 1024, video: bool = False, extra=(), object_score_bias: float = 8.0):
     """The reference model for registry ``name`` with seeded random weights."""
     build_sam = require_reference()
     torch.manual_seed(seed)
@@ -48,6 +61,10 @@ def build_reference(name: str, *, seed: int, image_size: int = 1024, video: bool
         ref = build_sam.build_sam2(REFERENCE_CONFIGS[name], None, device="cpu", hydra_overrides_extra=overrides)
     randomize_(ref, seed + 1)
     if video:
+        # random weights give random object scores; a negative one turns every tracked
+        # mask into the constant "no object" logit and would make comparisons vacuous
+        with torch.no_grad():
+            ref.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(object_score_bias)
         # its hole filling needs the CUDA extension and is skipped without it; say so explicitly
         ref.fill_hole_area = 0
     return ref.eval()

@@ -65,7 +65,13 @@ def compare(ours: dict, ref: dict, what: str):
             o = ours[f][oid]
             diff = float(np.abs(o - r).max())
             assert diff <= TOL, f"{what}: slice {f}, object {oid}: max |logit diff| {diff:.2e}"
-            assert np.array_equal(o > 0, r > 0), f"{what}: slice {f}, object {oid}: binary masks differ"
+            # identical binary masks, except where the reference logit is a float32 tie
+            # with the threshold (|logit| < 1e-5: seen once, 3e-8, with a max diff of 5e-7)
+            flips = ((o > 0) != (r > 0)) & (np.abs(r) >= 1e-5)
+            assert not flips.any(), (
+                f"{what}: slice {f}, object {oid}: binary masks differ at {int(flips.sum())} pixels "
+                f"(max |logit| there {float(np.abs(r[flips]).max()) if flips.any() else 0:.2e}, max diff {diff:.2e})"
+            )
 
 
 CASES = [
