@@ -99,3 +99,15 @@ def write_labels(
             os.unlink(tmp)
         raise
     return path
+
+
+def write_labels_layer(path: str, data, attributes: dict) -> list:
+    """napari writer: a Labels layer as a label TIFF with its voxel size.
+
+    napari asks before replacing an existing file, so this overwrites.
+    """
+    data = np.asarray(data)
+    scale = attributes.get("scale")
+    axes = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(data.ndim)
+    out = write_labels(path, data, axes=axes, spacing=None if scale is None else tuple(scale), overwrite=True)
+    return [str(out)]

@@ -1,0 +1,172 @@
+"""Prompts on an n-D image to labels, without Qt: what the dock widget drives.
+
+An image of any dimensionality (2D, Z-Y-X, T-Y-X, T-Z-Y-X, optionally RGB) is
+seen as stacks of 2D slices: two *displayed* axes (rows, columns), one
+*propagation* axis, and the remaining axes fixed at the viewer's position.
+Each fixed position gets its own :class:`~napari_sam2.model.video.StackSession`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .model.frames import FrameSource
+from .model.preprocess import InputError
+from .model.video import StackSession
+
+
+class AxisView:
+    """Lazy (N, H, W[, C]) view of an n-D array: slices along ``axis``, others fixed."""
+
+    def __init__(self, data, *, axis: Optional[int], displayed: Tuple[int, int], fixed: Dict[int, int], rgb: bool) -> None:
+        self.data, self.axis, self.displayed, self.fixed, self.rgb = data, axis, tuple(displayed), dict(fixed), rgb
+        shape = tuple(data.shape)
+        n = 1 if axis is None else shape[axis]
+        self.shape = (n, shape[displayed[0]], shape[displayed[1]]) + ((shape[-1],) if rgb else ())
+        self.dtype = np.dtype(data.dtype)
+
+    def index(self, i: int) -> tuple:
+        """The n-D index (without the RGB axis) of slice ``i``."""
+        nd = len(self.data.shape) - (1 if self.rgb else 0)
+        idx = []
+        for ax in range(nd):
+            if ax == self.axis:
+                idx.append(int(i))
+            elif ax in self.displayed:
+                idx.append(slice(None))
+            else:
+                idx.append(int(self.fixed.get(ax, 0)))
+        return tuple(idx)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        arr = self.data[self.index(i)]
+        if hasattr(arr, "compute"):
+            arr = arr.compute()
+        arr = np.asarray(arr)
+        if self.displayed[0] > self.displayed[1]:  # the viewer shows the axes transposed
+            arr = np.swapaxes(arr, 0, 1)
+        return arr
+
+
+class StackSegmenter:
+    """Segment objects in an n-D image from prompts given on 2D slices.
+
+    image: the data (any array-like); rgb: last axis is colour; axis: the axis to
+    propagate along (None for a 2D image); displayed: the (row, column) axes;
+    intensity_range: black..white mapping (napari's contrast limits).
+    Other keyword arguments go to each :class:`StackSession`.
+    """
+
+    def __init__(
+        self,
+        model,
+        image,
+        *,
+        rgb: bool = False,
+        axis: Optional[int],
+        displayed: Tuple[int, int],
+        intensity_range: Optional[Sequence[float]] = None,
+        **session_kwargs,
+    ) -> None:
+        nd = len(image.shape) - (1 if rgb else 0)
+        if nd < 2:
+            raise InputError(f"the image must have at least 2 dimensions, got shape {image.shape}")
+        if image.shape[0] == 0 or any(s == 0 for s in image.shape):
+            raise InputError(f"the image is empty (shape {tuple(image.shape)})")
+        displayed = tuple(int(a) for a in displayed)
+        if len(displayed) != 2 or axis in displayed:
+            raise InputError("prompts need a 2D view: two displayed axes, different from the propagation axis")
+        self.model, self.image, self.rgb, self.axis, self.displayed = model, image, rgb, axis, displayed
+        self.ndim = nd
+        self.intensity_range = intensity_range
+        self.session_kwargs = session_kwargs
+        self.sessions: Dict[tuple, StackSession] = {}
+
+    # ------------------------------------------------------------ positions
+
+    def key(self, position: Sequence[int]) -> tuple:
+        """The fixed coordinates (axes other than displayed and propagation) of a position."""
+        return tuple(int(position[a]) for a in range(self.ndim) if a != self.axis and a not in self.displayed)
+
+    def slice_of(self, position: Sequence[int]) -> int:
+        return 0 if self.axis is None else int(position[self.axis])
+
+    def view(self, position: Sequence[int]) -> AxisView:
+        fixed = {a: int(position[a]) for a in range(self.ndim) if a != self.axis and a not in self.displayed}
+        return AxisView(self.image, axis=self.axis, displayed=self.displayed, fixed=fixed, rgb=self.rgb)
+
+    def session(self, position: Sequence[int]) -> StackSession:
+        k = self.key(position)
+        if k not in self.sessions:
+            frames = FrameSource(self.view(position), self.intensity_range)
+            self.sessions[k] = StackSession(self.model, frames, **self.session_kwargs)
+        return self.sessions[k]
+
+    def to_data_order(self, mask: np.ndarray) -> np.ndarray:
+        """A mask in view order (rows, columns) -> the array's own axis order."""
+        return mask.T if self.displayed[0] > self.displayed[1] else mask
+
+    def label_index(self, position: Sequence[int], slice_idx: int) -> tuple:
+        """The index into a labels array (image shape without RGB) of one slice."""
+        return self.view(position).index(slice_idx)
+
+    # ------------------------------------------------------------ prompts
+
+    def _xy(self, rows_cols) -> np.ndarray:
+        rc = np.asarray(rows_cols, dtype=np.float32).reshape(-1, 2)
+        return rc[:, ::-1].copy()  # (row, col) -> (x, y)
+
+    def set_points(self, position, obj_id: int, rows_cols, labels) -> np.ndarray:
+        """Replace an object's clicks on the slice at ``position``; returns its H x W mask.
+
+        rows_cols: N x 2 coordinates in the displayed axes; labels: 1 / 0.
+        """
+        s = self.session(position)
+        masks = s.add_points(self.slice_of(position), obj_id, points=self._xy(rows_cols), labels=labels)
+        return masks[obj_id]
+
+    def set_box(self, position, obj_id: int, corners, rows_cols=None, labels=None) -> np.ndarray:
+        """A box (two opposite corners as (row, col)) plus optional clicks; returns the mask."""
+        c = self._xy(corners)
+        box = [c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()]
+        pts = None if rows_cols is None or len(rows_cols) == 0 else self._xy(rows_cols)
+        masks = self.session(position).add_points(
+            self.slice_of(position), obj_id, points=pts, labels=None if pts is None else labels, box=box
+        )
+        return masks[obj_id]
+
+    def set_mask(self, position, obj_id: int, mask: np.ndarray) -> np.ndarray:
+        masks = self.session(position).add_mask(self.slice_of(position), obj_id, mask)
+        return masks[obj_id]
+
+    def forget_slice(self, position, obj_id: int) -> None:
+        s = self.session(position)
+        if obj_id in s.objects:
+            s.clear_frame(self.slice_of(position), obj_id)
+            if not s.objects[obj_id].prompted_frames and not s.objects[obj_id].cond:
+                s.remove_object(obj_id)
+
+    def propagate(
+        self, position, direction: str = "both", frame_range=None
+    ) -> Iterator[Tuple[tuple, Dict[int, np.ndarray]]]:
+        """Yields (labels index of a slice, {obj_id: mask}) as slices are computed."""
+        if self.axis is None:
+            raise InputError("this image is 2D: there is no axis to propagate along")
+        s = self.session(position)
+        for f, masks in s.propagate(direction, frame_range=frame_range):
+            yield self.label_index(position, f), {k: self.to_data_order(m) for k, m in masks.items()}
+
+
+def write_masks(labels: np.ndarray, index: tuple, masks: Dict[int, np.ndarray]) -> None:
+    """Paint masks into one slice of a labels array: each object's label is replaced
+    by its new mask, without erasing other objects' pixels."""
+    sl = labels[index]
+    for obj_id, mask in masks.items():
+        sl[sl == obj_id] = 0
+        sl[mask & (sl == 0)] = obj_id
+    labels[index] = sl
