@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -123,7 +122,7 @@ def _memory_child(impl: str, n: int, size: int, folder: str) -> None:
         torch.manual_seed(0)
         model = build_model(get_config("sam2.1_hiera_tiny").with_image_size(size))
         model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.data.fill_(8.0)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _vm_hwm_mib()
     t0 = time.perf_counter()
     if impl == "reference":
         state = ref.init_state(folder)
@@ -141,8 +140,17 @@ def _memory_child(impl: str, n: int, size: int, folder: str) -> None:
         labels = np.zeros(frames.shape, np.uint8)  # what a caller keeps: the masks
         for f, m in sess.propagate("forward"):
             labels[f][m[1]] = 1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": peak / 1024, "after_model_mib": base / 1024, "seconds": time.perf_counter() - t0}))
+    print(json.dumps({"peak_mib": _vm_hwm_mib(), "after_model_mib": base, "seconds": time.perf_counter() - t0}))
+
+
+def _vm_hwm_mib() -> float:
+    """This process's peak resident memory (VmHWM). Unlike ru_maxrss, which Linux
+    carries over from the parent across exec, it counts only this program."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def memory(args) -> None:
@@ -156,6 +164,7 @@ def memory(args) -> None:
         folder = tmp / f"s{n}"
         frames = write_jpegs(make_stack(n, 512), folder)[..., 0]
         tifffile.imwrite(folder / "stack.tif", frames)
+        del frames
         row = {}
         for impl in ("reference", "ours"):
             cmd = [sys.executable, __file__, "_child", impl, str(n), str(args.size), str(folder)]

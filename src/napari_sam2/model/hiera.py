@@ -14,6 +14,7 @@ from torch import nn
 
 from .common import MLP
 from .config import HieraConfig
+from .transformer import attention
 
 
 def window_partition(x: torch.Tensor, window: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -73,9 +74,7 @@ class MultiScaleAttention(nn.Module):
             q = _max_pool(q.reshape(b, h, w, -1), self.q_stride)  # B h' w' C
             h, w = q.shape[1:3]
             q = q.reshape(b, h * w, self.num_heads, -1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        )  # B nH N' Ch
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # B nH N' Ch
         out = out.transpose(1, 2).reshape(b, h, w, -1)
         return self.proj(out)
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 
 from ..model.preprocess import InputError
 
@@ -48,7 +48,7 @@ class SAM2Widget(Container):
 
         self._image_combo = ComboBox(label="Image", choices=self._image_choices, nullable=True)
         self._model_combo = ComboBox(label="Model", choices=[*MODELS, CHOOSE_FILE], value=DEFAULT_MODEL)
-        self._checkpoint = LineEdit(label="Checkpoint file", value="")
+        self._checkpoint = FileEdit(label="Checkpoint file", mode="r", filter="*.pt *.pth", value="")
         self._checkpoint.visible = False
         self._device_combo = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._fast = CheckBox(text="Fast mode (bfloat16)", value=False)
@@ -80,6 +80,7 @@ class SAM2Widget(Container):
         self._propagation = None
         self._progress = None
         self._writing = False
+        self._sent: dict = {}  # (object, position) -> prompts last sent to the engine
         # wiring
         self._model_combo.changed.connect(self._on_model_choice)
         self._start_btn.changed.connect(lambda: self.start())
@@ -117,15 +118,8 @@ class SAM2Widget(Container):
         self._axis_combo.reset_choices()
 
     def _on_model_choice(self, value) -> None:
+        # the file field (with its Browse button) appears only for "choose a checkpoint file…"
         self._checkpoint.visible = value == CHOOSE_FILE
-        if value == CHOOSE_FILE and not self._checkpoint.value:
-            try:
-                from qtpy.QtWidgets import QFileDialog
-
-                path, _ = QFileDialog.getOpenFileName(None, "SAM 2 checkpoint", "", "Checkpoints (*.pt *.pth)")
-                self._checkpoint.value = path or ""
-            except Exception:  # no display: the path can still be typed
-                pass
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
@@ -134,6 +128,7 @@ class SAM2Widget(Container):
             self.cancel()
             self._segmenter = None
             self._image_layer = None
+            self._sent.clear()
             self._set_status("The image layer was removed; the session ended. Choose an image and Start session.")
             _notify_info("napari-sam2: the image layer was removed, so the session ended. Labels computed so far are kept.")
         for attr in ("_points", "_shapes", "_labels"):
@@ -151,7 +146,7 @@ class SAM2Widget(Container):
         from ..model.devices import pick_device
 
         name = self._model_combo.value
-        ckpt = self._checkpoint.value or None
+        ckpt = str(self._checkpoint.value) if str(self._checkpoint.value) not in ("", ".") else None
         if name == CHOOSE_FILE:
             if not ckpt:
                 raise InputError("choose a checkpoint file first")
@@ -194,6 +189,7 @@ class SAM2Widget(Container):
         if nd > 2 and dims.ndisplay != 2:
             raise InputError("switch the viewer to 2D view to give prompts")
         self._image_layer = layer
+        self._sent.clear()
         self._segmenter = StackSegmenter(
             model, layer.data, rgb=layer.rgb, axis=axis, displayed=displayed,
             intensity_range=tuple(layer.contrast_limits) if not layer.rgb else None,
@@ -333,6 +329,17 @@ class SAM2Widget(Container):
         seg = self._segmenter
         pos = self._position()
         pts, labs, box = self._prompts_on_slice(obj_id)
+        # re-sending the same prompts is not a no-op (SAM 2 feeds its previous mask
+        # back in), so only objects whose prompts on this slice changed are re-run
+        signature = (tuple(map(tuple, np.round(pts, 3))) if pts else (), tuple(labs),
+                     tuple(map(tuple, np.round(box, 3))) if box else None)
+        if self._sent.get((obj_id, pos)) == signature:
+            return
+        if not pts and box is None and (obj_id, pos) not in self._sent:
+            return  # nothing was ever sent for this object here
+        self._sent[(obj_id, pos)] = signature
+        if not pts and box is None:
+            del self._sent[(obj_id, pos)]
 
         def work():
             if box is not None:

@@ -1,0 +1,85 @@
+"""Take the user guide's screenshots of the real widget on the generated sample data.
+
+    xvfb-run -s "-screen 0 1920x1080x24" .venv/bin/python scripts/make_screenshots.py [--checkpoint FILE]
+
+Without --checkpoint the model has random weights (official checkpoints cannot
+be downloaded where the docs are built), so the masks' shapes are meaningless;
+the widget, layers and workflow are real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def pump(app, seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def wait_idle(app, widget, timeout=600) -> None:
+    end = time.time() + timeout
+    while widget.is_busy and time.time() < end:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import napari
+    import torch
+    from qtpy.QtWidgets import QApplication
+
+    from napari_sam2.model import build_model, get_config, load_model
+    from napari_sam2.sample_data import make_nuclei_3d
+    from napari_sam2.widgets.sam2_widget import SAM2Widget
+
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1500, 950)
+    data, meta, _ = make_nuclei_3d()[0]
+    layer = viewer.add_image(data, **meta)
+    widget = SAM2Widget(viewer)
+    viewer.window.add_dock_widget(widget, name="SAM 2", area="right")
+    app = QApplication.instance()
+    if args.checkpoint:
+        widget._model = load_model("sam2.1_hiera_tiny", args.checkpoint)
+    else:
+        torch.manual_seed(0)
+        m = build_model(get_config("sam2.1_hiera_tiny").with_image_size(512))
+        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.data.fill_(8.0)
+        widget._model = m
+    widget._image_combo.value = layer
+    widget.start()
+    wait_idle(app, widget)
+    viewer.dims.current_step = (16, 0, 0)
+    pump(app, 1.0)
+    viewer.screenshot(str(out / "01-session-started.png"), canvas_only=False)
+
+    widget._points.add(np.array([[16, 100, 60]], float))  # a click on a nucleus
+    wait_idle(app, widget)
+    pump(app, 0.5)
+    viewer.screenshot(str(out / "02-first-click.png"), canvas_only=False)
+
+    widget.propagate("both")
+    wait_idle(app, widget)
+    viewer.dims.current_step = (10, 0, 0)
+    pump(app, 1.0)
+    viewer.screenshot(str(out / "03-propagated.png"), canvas_only=False)
+    print("screenshots written to", out)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()

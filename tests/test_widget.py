@@ -1,0 +1,274 @@
+"""The dock widget with a real viewer (Xvfb), a tiny random-weight model and real thread workers.
+
+Every expectation is computed independently with the engine's own session API
+on the same image and prompts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_sam2.model import build_model, get_config
+from napari_sam2.model.frames import FrameSource
+from napari_sam2.model.video import StackSession
+from napari_sam2.widgets import sam2_widget as sw
+
+SIZE = 128
+TIMEOUT = 60_000
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(get_config("sam2.1_hiera_tiny").with_image_size(SIZE))
+    with torch.no_grad():
+        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
+    return m
+
+
+@pytest.fixture()
+def errors(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sw, "_notify_error", seen.append)
+    monkeypatch.setattr(sw, "_notify_info", lambda m: None)
+    return seen
+
+
+def volume(n=8, h=48, w=56, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    v = rng.normal(1000, 60, (n, h, w))
+    for t in range(n):
+        v[t][(yy - 18 - t) ** 2 + (xx - 20) ** 2 < 80] += 1500
+        v[t][(yy - 30) ** 2 + (xx - 40 + t) ** 2 < 60] += 1200
+    return v.astype(np.uint16)
+
+
+def make(viewer_factory, qtbot, model, data, **layer_kwargs):
+    viewer = viewer_factory()
+    layer = viewer.add_image(data, **layer_kwargs)
+    widget = sw.SAM2Widget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget._image_combo.value = layer
+    widget._model = model
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.is_busy and widget._segmenter is not None, timeout=TIMEOUT)
+    return viewer, layer, widget
+
+
+def wait(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT)
+
+
+def engine(model, layer, **kw):
+    """An independent session on the same data and intensity mapping."""
+    return StackSession(model, FrameSource(np.asarray(layer.data), tuple(layer.contrast_limits)),
+                        corrections_as_conditioning=True, **kw)
+
+
+def click(viewer, widget, z, y, x):
+    step = list(viewer.dims.current_step)
+    step[0] = z
+    viewer.dims.current_step = tuple(step)
+    widget._points.add(np.array([[z, y, x]], float))
+
+
+def test_click_paints_the_engines_mask(make_napari_viewer, qtbot, model, errors):
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume())
+    click(viewer, widget, 3, 21, 20)
+    wait(qtbot, widget)
+    expected = engine(model, layer).add_points(3, 1, points=[[20, 21]], labels=[1])[1]
+    assert expected.any()
+    np.testing.assert_array_equal(widget._labels.data[3], expected.astype(np.uint16))
+    assert not widget._labels.data[[0, 1, 2, 4, 5, 6, 7]].any()
+    assert errors == []
+
+
+def test_propagation_and_two_objects_match_the_engine(make_napari_viewer, qtbot, model, errors):
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume())
+    click(viewer, widget, 3, 21, 20)
+    wait(qtbot, widget)
+    assert widget.new_object() == 2
+    click(viewer, widget, 3, 30, 43)
+    wait(qtbot, widget)
+    widget.propagate("both")
+    wait(qtbot, widget)
+    from napari_sam2.segmenter import write_masks
+
+    ref = engine(model, layer)
+    expected = np.zeros(layer.data.shape, np.uint16)
+    index = (3, slice(None), slice(None))
+    write_masks(expected, index, {1: ref.add_points(3, 1, points=[[20, 21]], labels=[1])[1]})
+    write_masks(expected, index, {2: ref.add_points(3, 2, points=[[43, 30]], labels=[1])[2]})
+    for z, masks in ref.propagate("both"):
+        write_masks(expected, (z, slice(None), slice(None)), masks)
+    np.testing.assert_array_equal(widget._labels.data, expected)
+    assert set(np.unique(widget._labels.data)) == {0, 1, 2}
+    assert errors == []
+
+
+def test_correction_then_propagation_matches_the_engine(make_napari_viewer, qtbot, model, errors):
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume())
+    click(viewer, widget, 2, 20, 20)
+    wait(qtbot, widget)
+    widget.propagate("forward")
+    wait(qtbot, widget)
+    widget.toggle_polarity()  # negative click on slice 5
+    click(viewer, widget, 5, 40, 50)
+    wait(qtbot, widget)
+    widget.propagate("forward")
+    wait(qtbot, widget)
+    ref = engine(model, layer)
+    ref.add_points(2, 1, points=[[20, 20]], labels=[1])
+    list(ref.propagate("forward"))
+    ref.add_points(5, 1, points=[[50, 40]], labels=[0])
+    got = {z: m[1] for z, m in ref.propagate("forward")}
+    for z in range(2, 8):
+        np.testing.assert_array_equal(widget._labels.data[z] == 1, got[z], err_msg=f"slice {z}")
+    assert not widget._points.features["positive"].iloc[-1]
+    assert errors == []
+
+
+def test_cancel_keeps_done_slices_and_viewer_usable(make_napari_viewer, qtbot, model, errors):
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume(n=30))
+    click(viewer, widget, 0, 18, 20)
+    wait(qtbot, widget)
+    widget.propagate("forward")
+    qtbot.waitUntil(lambda: widget._labels.data[3].any(), timeout=TIMEOUT)
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget._propagation is None, timeout=TIMEOUT)
+    done = [z for z in range(30) if widget._labels.data[z].any()]
+    assert 3 in done and len(done) < 30
+    ref = engine(model, layer)
+    ref.add_points(0, 1, points=[[20, 18]], labels=[1])
+    for z, masks in ref.propagate("forward"):
+        if z > max(done):
+            break
+        np.testing.assert_array_equal(widget._labels.data[z] == 1, masks[1])
+    assert "cancelled" in widget._status.value
+    # still usable: another click segments at once
+    widget.new_object()
+    click(viewer, widget, 10, 30, 40)
+    wait(qtbot, widget)
+    assert (widget._labels.data[10] == 2).any()
+    assert errors == []
+
+
+def test_sixteen_bit_contrast_limits_reach_the_model(make_napari_viewer, qtbot, model, errors):
+    data = volume()
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, data, contrast_limits=(1100, 1600))
+    session = widget._segmenter.session(widget._position())
+    assert session.frames.intensity_range == (1100.0, 1600.0)
+    x = session.frames.model_input(4, SIZE)
+    manual = np.clip((data[4].astype(np.float32) - 1100) / 500, 0, 1)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(manual)[None, None], size=(SIZE, SIZE),
+                                          mode="bilinear", align_corners=False, antialias=True)
+    np.testing.assert_allclose(x[0, 0].numpy(), ref[0, 0].numpy(), atol=1e-6)
+
+
+def test_save_labels_roundtrip(make_napari_viewer, qtbot, model, tmp_path, errors):
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume(), scale=(2.0, 0.5, 0.5))
+    click(viewer, widget, 3, 21, 20)
+    wait(qtbot, widget)
+    path = widget.save_labels(tmp_path / "labels.tif")
+    with tifffile.TiffFile(path) as tif:
+        data = tif.asarray()
+        assert tif.series[0].axes == "ZYX"
+        assert tif.imagej_metadata["spacing"] == 2.0
+        xres = tif.pages[0].tags["XResolution"].value
+    assert data.dtype == np.uint16
+    np.testing.assert_array_equal(data, widget._labels.data)
+    assert xres[0] / xres[1] == pytest.approx(2.0)  # 0.5 um pixels
+    with pytest.raises(FileExistsError):
+        widget.save_labels(tmp_path / "labels.tif")
+
+
+@pytest.mark.parametrize(
+    "shape,rgb,axis",
+    [((40, 50), False, None), ((6, 40, 50), False, 0), ((5, 3, 40, 50), False, 0), ((40, 50, 3), True, None)],
+    ids=["2D", "3D-or-T", "4D-TZYX", "RGB"],
+)
+def test_widget_on_2d_3d_4d_and_rgb(make_napari_viewer, qtbot, model, errors, shape, rgb, axis):
+    rng = np.random.default_rng(0)
+    data = (rng.random(shape) * 255).astype(np.uint8)
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, data, rgb=rgb)
+    assert widget._segmenter.axis == axis
+    nd = layer.ndim
+    coord = list(viewer.dims.current_step[-nd:])
+    coord[-2:] = [20, 25]
+    widget._points.add(np.array([coord], float))
+    wait(qtbot, widget)
+    assert widget._labels.data.shape == (shape[:-1] if rgb else shape)
+    assert (widget._labels.data == 1).any()
+    assert errors == []
+
+
+def test_bad_input_gives_notifications(make_napari_viewer, qtbot, model, errors, tmp_path):
+    # 2D image with "propagate"
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8))
+    widget._points.add(np.array([[20, 25]], float))
+    wait(qtbot, widget)
+    widget.propagate("both")
+    assert any("2D" in e for e in errors)
+    errors.clear()
+    # a missing checkpoint
+    widget._model = None
+    widget._model_combo.value = sw.CHOOSE_FILE
+    widget._checkpoint.value = str(tmp_path / "missing.pt")
+    widget.start()
+    wait(qtbot, widget)
+    assert any("does not exist" in e for e in errors)
+    errors.clear()
+    # propagate before any session
+    fresh = sw.SAM2Widget(viewer)
+    fresh.propagate("forward")
+    assert any("start a session" in e for e in errors)
+
+
+def test_image_removed_mid_run(make_napari_viewer, qtbot, model, errors):
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume(n=30))
+    click(viewer, widget, 0, 18, 20)
+    wait(qtbot, widget)
+    widget.propagate("forward")
+    qtbot.waitUntil(lambda: widget._labels.data[1].any(), timeout=TIMEOUT)
+    viewer.layers.remove(layer)
+    qtbot.waitUntil(lambda: widget._propagation is None, timeout=TIMEOUT)
+    assert widget._segmenter is None
+    assert widget._labels.data[1].any()  # results so far kept
+    widget.propagate("forward")  # asks for a session, no traceback
+    assert any("start a session" in e for e in errors)
+
+
+def test_empty_stack_is_refused(model):
+    # napari cannot hold an empty image layer, so an empty stack can only reach
+    # the controller from Python; it is refused there with a plain message
+    from napari_sam2.model import InputError
+    from napari_sam2.segmenter import StackSegmenter
+
+    with pytest.raises(InputError, match="empty"):
+        StackSegmenter(model, np.zeros((0, 20, 20), np.uint16), axis=0, displayed=(1, 2))
+
+
+def test_start_in_3d_view_asks_for_2d(make_napari_viewer, qtbot, model, errors):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(volume())
+    viewer.dims.ndisplay = 3
+    widget = sw.SAM2Widget(viewer)
+    widget._image_combo.value = layer
+    widget._model = model
+    widget.start()
+    wait(qtbot, widget)
+    assert widget._segmenter is None
+    assert any("2D view" in e for e in errors)
+
+
+def test_keyboard_shortcuts_are_bound(make_napari_viewer, qtbot, model, errors):
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume())
+    keys = widget._points.keymap
+    assert {"N", "T", "Shift+F", "Shift+B", "Shift+A", "Escape"} <= {str(k) for k in keys}
+    keys["T"](widget._points)
+    assert widget._positive is False
+    assert widget._points.feature_defaults["positive"].iloc[0] == False  # noqa: E712
