@@ -269,6 +269,8 @@ def test_keyboard_shortcuts_are_bound(make_napari_viewer, qtbot, model, errors):
     viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume())
     keys = widget._points.keymap
     assert {"N", "T", "Shift+F", "Shift+B", "Shift+A", "Escape"} <= {str(k) for k in keys}
-    keys["T"](widget._points)
+    from app_model.types import KeyBinding
+
+    keys[KeyBinding.from_str("T")](widget._points)
     assert widget._positive is False
     assert widget._points.feature_defaults["positive"].iloc[0] == False  # noqa: E712
