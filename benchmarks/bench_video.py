@@ -130,11 +130,10 @@ def _memory_child(impl: str, n: int, size: int, folder: str) -> None:
         for _ in ref.propagate_in_video(state):
             pass
     else:
-        import tifffile
-
+        from napari_sam2.io import TiffStack
         from napari_sam2.model.video import StackSession
 
-        frames = tifffile.memmap(os.path.join(folder, "stack.tif"))  # read lazily from disk
+        frames = TiffStack(os.path.join(folder, "stack.tif"))  # read page by page from disk
         sess = StackSession(model, frames, intensity_range=(0, 255), fill_hole_area=0, feature_cache_mb=64)
         sess.add_points(0, 1, points=[[150, 150]], labels=[1])
         labels = np.zeros(frames.shape, np.uint8)  # what a caller keeps: the masks

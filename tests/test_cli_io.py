@@ -69,3 +69,19 @@ def test_cli_models_lists_registry(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "sam2.1_hiera_large" in out and "dl.fbaipublicfiles.com" in out
+
+
+def test_tiff_stack_reads_lazily(tmp_path):
+    from napari_sam2.io import TiffStack
+    from napari_sam2.model.frames import FrameSource
+
+    data = np.random.default_rng(0).integers(0, 60000, (7, 20, 30)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", data)
+    stack = TiffStack(tmp_path / "s.tif")
+    assert stack.shape == data.shape and stack.dtype == np.uint16
+    np.testing.assert_array_equal(stack[4], data[4])
+    np.testing.assert_array_equal(stack[4, 2:5], data[4, 2:5])
+    src = FrameSource(stack, intensity_range=(0, 60000))
+    assert len(src) == 7 and src.shape == (20, 30)
+    with pytest.raises(TypeError):
+        stack[1:3]

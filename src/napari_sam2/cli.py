@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the registered models and their download URLs")
 
+    g = sub.add_parser("gui", help="open napari with the SAM 2 widget (and generated sample data)")
+    g.add_argument("image", nargs="?", type=Path, help="an image or stack to open (default: generated 3D nuclei)")
+    g.add_argument("--model", default=None, help="registry name, e.g. sam2.1_hiera_small")
+    g.add_argument("--checkpoint", type=Path, help="local checkpoint file")
+
     f = sub.add_parser("fetch", help="download an official checkpoint into the cache")
     f.add_argument("model", help="registry name, e.g. sam2.1_hiera_tiny")
 
@@ -59,6 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 url = CHECKPOINTS.get(name)
                 print(f"{name:26s} SAM {cfg.version}  {cfg.image_size:4d}px  {url.url if url else '(bring your own checkpoint file)'}")
             return 0
+        if args.command == "gui":
+            return _gui(args)
         if args.command == "fetch":
             from .model.checkpoint import fetch_checkpoint
 
@@ -72,6 +79,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, InputError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def _gui(args) -> int:
+    import napari
+
+    from .io import read_image
+    from .sample_data import make_nuclei_3d
+    from .widgets.sam2_widget import CHOOSE_FILE, SAM2Widget
+
+    viewer = napari.Viewer(title="napari-sam2")
+    if args.image is not None:
+        layer = viewer.add_image(read_image(args.image), name=args.image.stem)
+    else:
+        data, meta, _ = make_nuclei_3d()[0]
+        layer = viewer.add_image(data, **meta)
+    widget = SAM2Widget(viewer)
+    viewer.window.add_dock_widget(widget, name="SAM 2", area="right")
+    widget._image_combo.value = layer
+    if args.checkpoint is not None:
+        widget._model_combo.value = CHOOSE_FILE
+        widget._checkpoint.value = str(args.checkpoint)
+    elif args.model:
+        widget._model_combo.value = args.model
+    napari.run()
+    return 0
 
 
 def _segment(args) -> int:

@@ -111,3 +111,35 @@ def write_labels_layer(path: str, data, attributes: dict) -> list:
     axes = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(data.ndim)
     out = write_labels(path, data, axes=axes, spacing=None if scale is None else tuple(scale), overwrite=True)
     return [str(out)]
+
+
+class TiffStack:
+    """A multi-page TIFF as a lazy array-like (N, H, W[, C]): each slice is read from
+    disk when indexed and not kept, so a stack of any length costs one slice of memory."""
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        import tifffile
+
+        self.path = Path(path)
+        self._tif = tifffile.TiffFile(self.path)
+        pages = self._tif.pages
+        first = pages.first if hasattr(pages, "first") else pages[0]
+        self.shape = (len(pages),) + tuple(first.shape)
+        self.dtype = np.dtype(first.dtype)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple):
+            head, rest = index[0], index[1:]
+        else:
+            head, rest = index, ()
+        if not isinstance(head, (int, np.integer)):
+            raise TypeError("TiffStack is indexed one slice at a time: stack[i] or stack[i, ...]")
+        arr = self._tif.pages[int(head)].asarray()
+        return arr[rest] if rest else arr
+
+    def close(self) -> None:
+        self._tif.close()

@@ -63,7 +63,10 @@ def to_unit_rgb(arr: np.ndarray, intensity_range: Tuple[float, float]) -> torch.
     reference does. Grey images are repeated over the three channels.
     """
     lo, hi = intensity_range
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # memmaps and TIFF pages: torch wants writable memory
+        arr = arr.copy()
+    t = torch.from_numpy(arr)
     if t.ndim == 2:
         t = t.unsqueeze(-1)
     t = t[..., :3] if t.shape[-1] >= 3 else t[..., :1].expand(-1, -1, 3)

@@ -110,7 +110,11 @@ class SAM2Widget(Container):
         nd = layer.ndim
         displayed = set(self._viewer.dims.displayed[-2:]) if self._viewer.dims.ndim == nd else {nd - 2, nd - 1}
         names = self._viewer.dims.axis_labels if self._viewer.dims.ndim == nd else [str(i) for i in range(nd)]
-        axes = [(f"axis {a} ({names[a]}, {layer.data.shape[a]} slices)", a) for a in range(nd) if a not in displayed]
+        def name(a):  # napari's default axis labels are just numbers
+            n = str(names[a])
+            return f"axis {a}" if n.lstrip("-").isdigit() else f"axis {a} ({n})"
+
+        axes = [(f"{name(a)}, {layer.data.shape[a]} slices", a) for a in range(nd) if a not in displayed]
         return axes or [("none (2D)", None)]
 
     def _refresh_choices(self, event=None) -> None:
