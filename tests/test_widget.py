@@ -29,6 +29,16 @@ def model():
     return m
 
 
+@pytest.fixture(autouse=True)
+def _drain_workers(qtbot):
+    """Let background workers (e.g. slice prefetch) finish before the viewer is torn down."""
+    yield
+    from qtpy.QtCore import QThreadPool
+
+    QThreadPool.globalInstance().waitForDone(60_000)
+    qtbot.wait(10)
+
+
 @pytest.fixture()
 def errors(monkeypatch):
     seen = []
@@ -274,3 +284,26 @@ def test_keyboard_shortcuts_are_bound(make_napari_viewer, qtbot, model, errors):
     keys[KeyBinding.from_str("T")](widget._points)
     assert widget._positive is False
     assert widget._points.feature_defaults["positive"].iloc[0] == False  # noqa: E712
+
+
+def test_writes_into_an_existing_labels_layer(make_napari_viewer, qtbot, model, errors):
+    viewer = make_napari_viewer()
+    data = volume()
+    layer = viewer.add_image(data)
+    existing = np.zeros(data.shape, np.uint16)
+    existing[0, :5, :5] = 7  # earlier work must survive
+    mine = viewer.add_labels(existing.copy(), name="my labels")
+    widget = sw.SAM2Widget(viewer)
+    widget._image_combo.value = layer
+    widget._output_combo.value = mine
+    widget._model = model
+    widget.start()
+    wait(qtbot, widget)
+    assert widget._labels is mine
+    assert widget.new_object() == 8
+    click(viewer, widget, 3, 21, 20)
+    wait(qtbot, widget)
+    expected = engine(model, layer).add_points(3, 8, points=[[20, 21]], labels=[1])[8]
+    np.testing.assert_array_equal(mine.data[3] == 8, expected)
+    assert (mine.data[0, :5, :5] == 7).all()
+    assert len([lay for lay in viewer.layers if lay.__class__.__name__ == "Labels"]) == 1

@@ -53,6 +53,7 @@ class SAM2Widget(Container):
         self._device_combo = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._fast = CheckBox(text="Fast mode (bfloat16)", value=False)
         self._axis_combo = ComboBox(label="Propagate along", choices=self._axis_choices)
+        self._output_combo = ComboBox(label="Write into", choices=self._output_choices)
         self._start_btn = PushButton(text="Start session")
         self._new_obj_btn = PushButton(text="New object [N]")
         self._polarity_btn = PushButton(text="Clicks: positive [T]")
@@ -65,7 +66,7 @@ class SAM2Widget(Container):
         self._status = Label(value="Choose an image, then Start session.")
         self.extend([
             self._image_combo, self._model_combo, self._checkpoint, self._device_combo, self._fast,
-            self._axis_combo, self._start_btn, self._new_obj_btn, self._polarity_btn, self._fwd_btn,
+            self._axis_combo, self._output_combo, self._start_btn, self._new_obj_btn, self._polarity_btn, self._fwd_btn,
             self._back_btn, self._both_btn, self._cancel_btn, self._axes_edit, self._save_btn, self._status,
         ])
         # state
@@ -91,7 +92,7 @@ class SAM2Widget(Container):
         self._both_btn.changed.connect(lambda: self.propagate("both"))
         self._cancel_btn.changed.connect(lambda: self.cancel())
         self._save_btn.changed.connect(lambda: self._save_dialog())
-        self._image_combo.changed.connect(lambda: self._axis_combo.reset_choices())
+        self._image_combo.changed.connect(lambda: (self._axis_combo.reset_choices(), self._output_combo.reset_choices()))
         viewer.layers.events.inserted.connect(self._refresh_choices)
         viewer.layers.events.removed.connect(self._on_layer_removed)
         viewer.dims.events.current_step.connect(self._on_step)
@@ -117,9 +118,21 @@ class SAM2Widget(Container):
         axes = [(f"{name(a)}, {layer.data.shape[a]} slices", a) for a in range(nd) if a not in displayed]
         return axes or [("none (2D)", None)]
 
+    def _output_choices(self, _w=None):
+        """A new Labels layer, or any existing one of the image's shape."""
+        from napari.layers import Labels
+
+        choices = [("a new Labels layer", None)]
+        layer = self._image_combo.value
+        if layer is not None:
+            shape = tuple(layer.data.shape[:-1] if layer.rgb else layer.data.shape)
+            choices += [(lab.name, lab) for lab in self._viewer.layers if isinstance(lab, Labels) and lab.data.shape == shape]
+        return choices
+
     def _refresh_choices(self, event=None) -> None:
         self._image_combo.reset_choices()
         self._axis_combo.reset_choices()
+        self._output_combo.reset_choices()
 
     def _on_model_choice(self, value) -> None:
         # the file field (with its Browse button) appears only for "choose a checkpoint file…"
@@ -218,7 +231,15 @@ class SAM2Widget(Container):
         v = self._viewer
         nd = image.ndim
         shape = image.data.shape[:-1] if image.rgb else image.data.shape
-        if self._labels is None or self._labels not in v.layers or self._labels.data.shape != tuple(shape):
+        chosen = self._output_combo.value
+        if chosen is not None and chosen is not self._labels:
+            if self._labels is not None:
+                self._labels.events.paint.disconnect(self._on_paint)
+            self._labels = chosen  # the user's own Labels layer: existing labels are kept
+            self._labels.events.paint.connect(self._on_paint)
+            if self._labels.data.dtype.itemsize < 2 or self._labels.data.max() == 0:
+                self._labels.selected_label = max(1, int(self._labels.data.max()) + 1)
+        elif self._labels is None or self._labels not in v.layers or self._labels.data.shape != tuple(shape):
             self._labels = v.add_labels(np.zeros(shape, np.uint16), name=f"{image.name} SAM2 labels", scale=image.scale[:nd], translate=image.translate[:nd])
             self._labels.selected_label = 1
             self._labels.events.paint.connect(self._on_paint)
