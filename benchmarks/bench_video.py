@@ -93,7 +93,7 @@ def speed(args) -> None:
         return times, masks
 
     results = {}
-    for n_obj in (1, 3):
+    for n_obj in args.objects:
         r = run_ref(n_obj)
         o32, m32 = run_ours(n_obj, False)
         o16, m16 = run_ours(n_obj, True)
@@ -182,6 +182,7 @@ def main() -> None:
     sp = sub.add_parser("speed")
     sp.add_argument("--size", type=int, default=1024)
     sp.add_argument("--frames", type=int, default=10)
+    sp.add_argument("--objects", type=int, nargs="+", default=[1, 3])
     mp = sub.add_parser("memory")
     mp.add_argument("--size", type=int, default=256)
     mp.add_argument("--slices", type=int, nargs="+", default=[50, 200, 1000])
