@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from napari_sam2.model import CheckpointError, build_model, get_config, load_model
-from napari_sam2.model.checkpoint import describe_state_dict, fetch_checkpoint, read_state_dict
+from napari_sam2.model.checkpoint import (
+    describe_state_dict,
+    fetch_checkpoint,
+    read_state_dict,
+)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -22,7 +22,12 @@ def test_import_is_light():
 
 
 def test_sample_data_is_16_bit_with_labels():
-    from napari_sam2.sample_data import cells_2d_time, make_cells_2d_time, make_nuclei_3d, nuclei_3d
+    from napari_sam2.sample_data import (
+        cells_2d_time,
+        make_cells_2d_time,
+        make_nuclei_3d,
+        nuclei_3d,
+    )
 
     img, lab = nuclei_3d(seed=3)
     assert img.dtype == np.uint16 and img.shape == lab.shape and len(np.unique(lab)) > 5

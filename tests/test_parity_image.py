@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _reference import build_reference, ours_from_reference, require_reference
+
 from napari_sam2.model import ImagePredictor
 
 TOL = 1e-4
@@ -102,11 +102,6 @@ def _maxdiff(a, b) -> float:
     b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).float()
     assert a.shape == b.shape, (a.shape, b.shape)
     return float((a - b).abs().max())
-
-
-@pytest.fixture(scope="module")
-def _cache():
-    return {}
 
 
 @pytest.mark.parametrize("name,size,seed", CASES)

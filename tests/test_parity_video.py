@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 from _reference import build_reference, ours_from_reference, require_reference
+
 from napari_sam2.model.video import StackSession
 
 TOL = 1e-3
@@ -47,8 +46,12 @@ def write_jpeg_folder(frames: np.ndarray, folder) -> np.ndarray:
     return np.stack(decoded)
 
 
-def collect(gen, logits_key=True):
-    return {f: m for f, m in gen}
+def _sessions(tmp_path, name, size, seed, n):
+    """The reference's state on a JPEG folder, and our session on the decoded frames."""
+    decoded = write_jpeg_folder(moving_blobs(n, size, seed), tmp_path / "jpg")
+    ref = build_reference(name, seed=seed, image_size=size, video=True)
+    model = ours_from_reference(name, ref, image_size=size)
+    return ref, ref.init_state(str(tmp_path / "jpg")), StackSession(model, decoded, fill_hole_area=0)
 
 
 def ref_propagate(pred, state, reverse, start=None):
@@ -86,12 +89,7 @@ CASES = [
 def test_propagation_matches_reference(tmp_path, name, size, seed):
     require_reference()
     n = 10
-    frames = moving_blobs(n, size, seed)
-    decoded = write_jpeg_folder(frames, tmp_path / "jpg")
-    ref = build_reference(name, seed=seed, image_size=size, video=True)
-    model = ours_from_reference(name, ref, image_size=size)
-    state = ref.init_state(str(tmp_path / "jpg"))
-    ours = StackSession(model, decoded, fill_hole_area=0)
+    ref, state, ours = _sessions(tmp_path, name, size, seed, n)
 
     s = size
     click1 = [[0.3 * s, 0.35 * s], [0.1 * s, 0.1 * s]]
@@ -128,12 +126,7 @@ def test_propagation_matches_reference(tmp_path, name, size, seed):
 def test_mask_prompt_matches_reference(tmp_path):
     require_reference()
     name, size, seed, n = "sam2.1_hiera_tiny", 256, 4, 8
-    frames = moving_blobs(n, size, seed)
-    decoded = write_jpeg_folder(frames, tmp_path / "jpg")
-    ref = build_reference(name, seed=seed, image_size=size, video=True)
-    model = ours_from_reference(name, ref, image_size=size)
-    state = ref.init_state(str(tmp_path / "jpg"))
-    ours = StackSession(model, decoded, fill_hole_area=0)
+    ref, state, ours = _sessions(tmp_path, name, size, seed, n)
     yy, xx = np.mgrid[0:size, 0:size]
     mask = (yy - 0.5 * size) ** 2 + (xx - 0.4 * size) ** 2 < (0.15 * size) ** 2
     _, ids, r = ref.add_new_mask(state, frame_idx=3, obj_id=5, mask=mask)

@@ -182,10 +182,9 @@ def test_pruned_memory_matches_unpruned_results(model):
 
 def test_non_overlap_option(model):
     s = StackSession(model, stack(4), intensity_range=(400, 2600), non_overlap=True)
-    m1 = s.add_points(0, 1, points=[[30, 20]], labels=[1])
+    s.add_points(0, 1, points=[[30, 20]], labels=[1])
     m2 = s.add_points(0, 2, points=[[30, 20]], labels=[1])
     assert not (m2[1] & m2[2]).any()
-    del m1
 
 
 # ---------------------------------------------------------------- post-processing

@@ -57,15 +57,21 @@ def volume(n=8, h=48, w=56, seed=0):
     return v.astype(np.uint16)
 
 
-def make(viewer_factory, qtbot, model, data, **layer_kwargs):
+def make(viewer_factory, qtbot, model, data, *, before_start=None, expect_session=True, **layer_kwargs):
+    """A viewer with ``data``, the docked widget, and a started session.
+
+    before_start(viewer, widget) adjusts the viewer or the widget's choices first.
+    """
     viewer = viewer_factory()
     layer = viewer.add_image(data, **layer_kwargs)
     widget = sw.SAM2Widget(viewer)
     viewer.window.add_dock_widget(widget)
     widget._image_combo.value = layer
     widget._model = model
+    if before_start is not None:
+        before_start(viewer, widget)
     widget.start()
-    qtbot.waitUntil(lambda: not widget.is_busy and widget._segmenter is not None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.is_busy and (widget._segmenter is not None or not expect_session), timeout=TIMEOUT)
     return viewer, layer, widget
 
 
@@ -263,14 +269,10 @@ def test_empty_stack_is_refused(model):
 
 
 def test_start_in_3d_view_asks_for_2d(make_napari_viewer, qtbot, model, errors):
-    viewer = make_napari_viewer()
-    layer = viewer.add_image(volume())
-    viewer.dims.ndisplay = 3
-    widget = sw.SAM2Widget(viewer)
-    widget._image_combo.value = layer
-    widget._model = model
-    widget.start()
-    wait(qtbot, widget)
+    def view_3d(viewer, widget):
+        viewer.dims.ndisplay = 3
+
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume(), before_start=view_3d, expect_session=False)
     assert widget._segmenter is None
     assert any("2D view" in e for e in errors)
 
@@ -287,18 +289,17 @@ def test_keyboard_shortcuts_are_bound(make_napari_viewer, qtbot, model, errors):
 
 
 def test_writes_into_an_existing_labels_layer(make_napari_viewer, qtbot, model, errors):
-    viewer = make_napari_viewer()
     data = volume()
-    layer = viewer.add_image(data)
     existing = np.zeros(data.shape, np.uint16)
     existing[0, :5, :5] = 7  # earlier work must survive
-    mine = viewer.add_labels(existing.copy(), name="my labels")
-    widget = sw.SAM2Widget(viewer)
-    widget._image_combo.value = layer
-    widget._output_combo.value = mine
-    widget._model = model
-    widget.start()
-    wait(qtbot, widget)
+    layers = {}
+
+    def choose_mine(viewer, widget):
+        layers["mine"] = viewer.add_labels(existing.copy(), name="my labels")
+        widget._output_combo.value = layers["mine"]
+
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, data, before_start=choose_mine)
+    mine = layers["mine"]
     assert widget._labels is mine
     assert widget.new_object() == 8
     click(viewer, widget, 3, 21, 20)

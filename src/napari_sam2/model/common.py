@@ -6,7 +6,6 @@ import math
 from typing import Tuple, Type
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -177,8 +176,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     a, b = x_pairs.unbind(-1)
     out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
     return out.flatten(-2).type_as(x)
-
-
-def interpolate_pos_embed(pos: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a 1 C h w position embedding to size."""
-    return F.interpolate(pos, size=size, mode="bicubic")

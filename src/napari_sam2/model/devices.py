@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Union
+import contextlib
+from typing import Optional, Union
 
 import torch
 
@@ -22,6 +23,13 @@ def pick_device(device: Union[str, torch.device, None] = "auto") -> torch.device
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("Apple MPS was asked for but is not available; use device='cpu' or 'auto'")
     return dev
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast to ``dtype`` on the device's type, or nothing when dtype is None/float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def supports_bfloat16(device: torch.device) -> bool:

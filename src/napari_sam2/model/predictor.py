@@ -13,7 +13,6 @@ x is the column, y the row, and pixel (r, c) has its centre at x = c, y = r.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -21,7 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import InputError, check_image, check_range, default_intensity_range, resize_to_model, to_unit_rgb
+from .devices import autocast_context
+from .preprocess import (
+    InputError,
+    check_image,
+    check_range,
+    check_xy,
+    default_intensity_range,
+    resize_to_model,
+    to_unit_rgb,
+)
 from .sam2 import FrameFeatures, SAM2Model
 
 
@@ -40,13 +48,6 @@ class Prediction:
     low_res_logits: np.ndarray
     object_score: np.ndarray
     logits: Optional[np.ndarray] = None
-
-
-def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
-    """bfloat16 autocast on the device's type, or nothing when dtype is None/float32."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class ImagePredictor:
@@ -115,19 +116,6 @@ class ImagePredictor:
 
     # --------------------------------------------------------------- prompts
 
-    def _check_xy(self, xy: np.ndarray, name: str) -> None:
-        h, w = self._orig_hw
-        if not np.isfinite(xy).all():
-            raise InputError(f"{name} contain NaN or infinite coordinates")
-        x, y = xy[..., 0], xy[..., 1]
-        bad = (x < -0.5) | (x > w - 0.5) | (y < -0.5) | (y > h - 0.5)
-        if bad.any():
-            first = xy.reshape(-1, 2)[bad.reshape(-1)][0]
-            raise InputError(
-                f"{name} has a coordinate (x={first[0]:g}, y={first[1]:g}) outside the image "
-                f"(width {w}, height {h}); coordinates are (x, y) = (column, row) pixels"
-            )
-
     def _prompts(self, points, labels, box):
         """Validate and convert prompts to model-frame tensors (B P 2, B P)."""
         h, w = self._orig_hw
@@ -149,7 +137,7 @@ class ImagePredictor:
                 raise InputError(f"labels must have one entry per point: {pts.shape[1]} points but labels of shape {np.shape(labels)}")
             if not np.isin(lab, (0, 1)).all():
                 raise InputError("labels must be 1 (positive) or 0 (negative)")
-            self._check_xy(pts, "points")
+            check_xy(pts, self._orig_hw, "points")
             coords, labs = pts * scale, lab.astype(np.int32)
         if box is not None:
             bx = np.asarray(box, dtype=np.float32)
@@ -158,7 +146,7 @@ class ImagePredictor:
             if bx.ndim != 2 or bx.shape[-1] != 4:
                 raise InputError(f"box must be (x0, y0, x1, y1) or an (N, 4) array of boxes, got shape {np.shape(box)}")
             corners = bx.reshape(-1, 2, 2)
-            self._check_xy(corners, "box")
+            check_xy(corners, self._orig_hw, "box")
             if (corners[:, 1] < corners[:, 0]).any():
                 raise InputError("box must be given as (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
             bcoords = corners * scale

@@ -36,6 +36,21 @@ def check_image(image, name: str = "image") -> np.ndarray:
     return arr
 
 
+def check_xy(xy: np.ndarray, hw: Tuple[int, int], name: str, where: str = "image") -> None:
+    """Coordinates ... x 2 as (x, y) pixels must be finite and inside an image of (H, W)
+    (pixel centres at integers, so the edges lie at -0.5 and W - 0.5)."""
+    h, w = hw
+    if not np.isfinite(xy).all():
+        raise InputError(f"{name} contain NaN or infinite coordinates")
+    bad = (xy[..., 0] < -0.5) | (xy[..., 0] > w - 0.5) | (xy[..., 1] < -0.5) | (xy[..., 1] > h - 0.5)
+    if bad.any():
+        x, y = xy.reshape(-1, 2)[bad.reshape(-1)][0]
+        raise InputError(
+            f"{name} has a coordinate (x={x:g}, y={y:g}) outside the {where} (width {w}, height {h}); "
+            "coordinates are (x, y) = (column, row) pixels"
+        )
+
+
 def default_intensity_range(arr: np.ndarray) -> Tuple[float, float]:
     """uint8 images use (0, 255); anything else its own min and max."""
     if arr.dtype == np.uint8:

@@ -43,24 +43,6 @@ class FrameFeatures:
     high_res: List[torch.Tensor]
     pos: torch.Tensor
 
-    def to(self, device=None, dtype=None) -> "FrameFeatures":
-        return FrameFeatures(
-            image_embed=self.image_embed.to(device=device, dtype=dtype),
-            high_res=[h.to(device=device, dtype=dtype) for h in self.high_res],
-            pos=self.pos.to(device=device, dtype=dtype),
-        )
-
-    def select(self, idx) -> "FrameFeatures":
-        return FrameFeatures(self.image_embed[idx], [h[idx] for h in self.high_res], self.pos[idx])
-
-    def expand(self, batch: int) -> "FrameFeatures":
-        """Repeat a single frame's features for a batch of objects."""
-        return FrameFeatures(
-            self.image_embed.expand(batch, -1, -1, -1),
-            [h.expand(batch, -1, -1, -1) for h in self.high_res],
-            self.pos.expand(batch, -1, -1, -1),
-        )
-
     @property
     def nbytes(self) -> int:
         ts = [self.image_embed, self.pos, *self.high_res]

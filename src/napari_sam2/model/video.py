@@ -12,7 +12,6 @@ Slices are "frames" in SAM 2's terms. Coordinates are (x, y) pixels of a slice.
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -21,11 +20,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import autocast_context
 from .frames import FrameSource
 from .postprocess import fill_holes, non_overlapping
-from .preprocess import InputError
+from .preprocess import InputError, check_xy
 from .sam2 import NO_OBJ_SCORE, FrameFeatures, SAM2Model
-from .tracking import FrameOutput, PointPrompt, encode_memory, track_step, upsample_to_model
+from .tracking import (
+    FrameOutput,
+    PointPrompt,
+    encode_memory,
+    track_step,
+    upsample_to_model,
+)
 
 __all__ = ["StackSession", "FeatureCache", "ObjectState"]
 
@@ -136,9 +142,7 @@ class StackSession:
         return list(self.objects)
 
     def _amp(self):
-        if not self.fast:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return autocast_context(self.device, torch.bfloat16 if self.fast else None)
 
     def _check_frame(self, frame: int) -> int:
         if not isinstance(frame, (int, np.integer)) or not 0 <= int(frame) < self.num_frames:
@@ -182,18 +186,9 @@ class StackSession:
     # ------------------------------------------------------------------ prompts
 
     def _to_model_xy(self, xy: np.ndarray, name: str) -> np.ndarray:
-        h, w = self.height, self.width
-        if not np.isfinite(xy).all():
-            raise InputError(f"{name} contain NaN or infinite coordinates")
-        bad = (xy[..., 0] < -0.5) | (xy[..., 0] > w - 0.5) | (xy[..., 1] < -0.5) | (xy[..., 1] > h - 0.5)
-        if bad.any():
-            x, y = xy.reshape(-1, 2)[bad.reshape(-1)][0]
-            raise InputError(
-                f"{name} has a coordinate (x={x:g}, y={y:g}) outside the slice (width {w}, height {h}); "
-                "coordinates are (x, y) = (column, row) pixels"
-            )
+        check_xy(xy, (self.height, self.width), name, where="slice")
         s = self.model.image_size
-        return xy * np.array([s / w, s / h], dtype=np.float32)
+        return xy * np.array([s / self.width, s / self.height], dtype=np.float32)
 
     @torch.inference_mode()
     def add_points(
@@ -276,14 +271,7 @@ class StackSession:
                 earlier = obj.cond.get(frame) or obj.non_cond.get(frame)
             if earlier is not None and earlier.pred_masks is not None:
                 prev = earlier.pred_masks.to(self.device).clamp(-32.0, 32.0)
-        feats = self.frame_features(frame)
-        with self._amp():
-            heads = track_step(
-                self.model, feats, frame,
-                is_init_cond_frame=is_init, prompt=prompt, mask_input=mask,
-                cond=obj.cond, non_cond=obj.non_cond, maskmem_pos=self._maskmem_pos_tokens(feats),
-                reverse=reverse, num_frames=self.num_frames, prev_mask_logits=prev,
-            )
+        _, heads = self._step(obj, frame, reverse, is_init=is_init, prompt=prompt, mask=mask, prev=prev)
         out = self._compact(heads.low_res_masks, heads.obj_ptr, heads.object_score_logits, None)
         (obj.pending_cond if is_cond else obj.pending_non_cond)[frame] = out
         if is_cond:
@@ -438,15 +426,21 @@ class StackSession:
             self._prune(obj, frame, reverse)
         return self._to_slice(torch.cat(lows, dim=0), return_logits)
 
-    def _track(self, obj: ObjectState, frame: int, reverse: bool) -> torch.Tensor:
+    def _step(self, obj: ObjectState, frame: int, reverse: bool, *, is_init=False, prompt=None, mask=None, prev=None):
+        """One tracking step of ``obj`` on ``frame``: (frame features, heads output)."""
         feats = self.frame_features(frame)
         with self._amp():
             heads = track_step(
                 self.model, feats, frame,
-                is_init_cond_frame=False, prompt=None, mask_input=None,
+                is_init_cond_frame=is_init, prompt=prompt, mask_input=mask,
                 cond=obj.cond, non_cond=obj.non_cond, maskmem_pos=self._maskmem_pos_tokens(feats),
-                reverse=reverse, num_frames=self.num_frames,
+                reverse=reverse, num_frames=self.num_frames, prev_mask_logits=prev,
             )
+        return feats, heads
+
+    def _track(self, obj: ObjectState, frame: int, reverse: bool) -> torch.Tensor:
+        feats, heads = self._step(obj, frame, reverse)
+        with self._amp():
             mem = encode_memory(self.model, feats, heads.high_res_masks, heads.object_score_logits, from_clicks=False)
         out = self._compact(heads.low_res_masks, heads.obj_ptr, heads.object_score_logits, mem)
         obj.non_cond[frame] = out

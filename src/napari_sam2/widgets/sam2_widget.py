@@ -11,19 +11,24 @@ Keys (on the widget's own layers): ``N`` new object, ``T`` toggle click polarity
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    LineEdit,
+    PushButton,
+)
 
 from ..model.preprocess import InputError
 
 CHOOSE_FILE = "choose a checkpoint file…"
 DEFAULT_MODEL = "sam2.1_hiera_tiny"
 POSITIVE_COLOR, NEGATIVE_COLOR = "#33ff33", "#ff3355"
-# run workers synchronously (tests, scripts); same generators, no threads
-SYNC = os.environ.get("NAPARI_SAM2_SYNC", "") == "1"
 
 
 def _notify_error(msg: str) -> None:
@@ -81,6 +86,7 @@ class SAM2Widget(Container):
         self._propagation = None
         self._progress = None
         self._writing = False
+        self._cancelled = False
         self._sent: dict = {}  # (object, position) -> prompts last sent to the engine
         # wiring
         self._model_combo.changed.connect(self._on_model_choice)
@@ -358,13 +364,14 @@ class SAM2Widget(Container):
         # back in), so only objects whose prompts on this slice changed are re-run
         signature = (tuple(map(tuple, np.round(pts, 3))) if pts else (), tuple(labs),
                      tuple(map(tuple, np.round(box, 3))) if box else None)
-        if self._sent.get((obj_id, pos)) == signature:
-            return
-        if not pts and box is None and (obj_id, pos) not in self._sent:
-            return  # nothing was ever sent for this object here
-        self._sent[(obj_id, pos)] = signature
+        key = (obj_id, pos)
         if not pts and box is None:
-            del self._sent[(obj_id, pos)]
+            if self._sent.pop(key, None) is None:
+                return  # nothing was ever sent for this object here
+        elif self._sent.get(key) == signature:
+            return
+        else:
+            self._sent[key] = signature
 
         def work():
             if box is not None:
@@ -426,8 +433,7 @@ class SAM2Widget(Container):
             _notify_error(f"napari-sam2: {err}")
             return
         n = session.num_frames
-        total = n if direction == "both" else n  # upper bound; closed when done
-        self._progress = progress(total=total, desc=f"SAM 2: propagating {direction}")
+        self._progress = progress(total=n, desc=f"SAM 2: propagating {direction}")  # closed when done
         self._cancel_btn.enabled = True
 
         def gen():
@@ -445,11 +451,11 @@ class SAM2Widget(Container):
             self._progress = None
             self._propagation = None
             self._cancel_btn.enabled = False
-            self._set_status("Propagation finished." if not getattr(self, "_cancelled", False) else "Propagation cancelled; slices done so far are kept.")
+            self._set_status("Propagation cancelled; slices done so far are kept." if self._cancelled else "Propagation finished.")
             self._cancelled = False
 
         self._cancelled = False
-        worker = self._make_worker(gen, on_yield=on_yield, on_done=finish, what="propagating", generator=True)
+        worker = self._make_worker(gen, on_yield=on_yield, on_done=finish, what="propagating")
         self._propagation = worker
         worker.start()
 
@@ -544,15 +550,13 @@ class SAM2Widget(Container):
         """Whether model work is running or queued."""
         return self._busy is not None or bool(self._pending) or self._propagation is not None
 
-    def _make_worker(self, fn, *, on_result=None, on_yield=None, on_done=None, what: str, generator=False, quiet=False):
+    def _make_worker(self, fn, *, on_result=None, on_yield=None, on_done=None, what: str, quiet=False):
         def on_error(err):
             msg = str(err) if isinstance(err, (InputError, ValueError, FileNotFoundError)) else f"{err.__class__.__name__}: {err}"
             if not quiet:
                 _notify_error(f"napari-sam2: {what} failed: {msg}")
                 self._set_status(f"Failed while {what}: {msg}")
 
-        if SYNC:  # same code path without threads (tests, scripts)
-            return _SyncWorker(fn, on_result=on_result, on_yield=on_yield, on_done=on_done, on_error=on_error, generator=generator)
         from napari.qt.threading import create_worker
 
         connect = {"errored": on_error, "finished": on_done or (lambda: None)}
@@ -561,32 +565,3 @@ class SAM2Widget(Container):
         if on_yield is not None:
             connect["yielded"] = on_yield
         return create_worker(fn, _connect=connect, _start_thread=False)
-
-
-class _SyncWorker:
-    """Runs a worker's function at once on the calling thread (NAPARI_SAM2_SYNC=1)."""
-
-    def __init__(self, fn, *, on_result, on_yield, on_done, on_error, generator):
-        self._abort = False
-        self._args = (fn, on_result, on_yield, on_done, on_error, generator)
-
-    def start(self):
-        fn, on_result, on_yield, on_done, on_error, generator = self._args
-        try:
-            if generator:
-                for item in fn():
-                    on_yield(item)
-                    if self._abort:
-                        break
-            else:
-                result = fn()
-                if on_result is not None:
-                    on_result(result)
-        except Exception as err:  # reported like a thread worker's error
-            on_error(err)
-        finally:
-            if on_done is not None:
-                on_done()
-
-    def quit(self):
-        self._abort = True
