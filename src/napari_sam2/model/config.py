@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
-__all__ = ["HieraConfig", "SAM2Config", "MODELS", "get_config", "register"]
+__all__ = ["HieraConfig", "SAM2Config", "MODELS", "NANO", "get_config", "register"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,36 @@ for _size, _trunk in (
 
 # MedSAM2 fine-tunes SAM 2.1 tiny at 512 px; same weights layout, smaller input.
 register(replace(MODELS["sam2.1_hiera_tiny"], name="sam2.1_hiera_tiny_512", image_size=512))
+
+# A "nano" SAM 2.1 (about 1.3 M parameters) for CPUs and offline use: a narrow
+# five-block Hiera, 64-wide heads and memory, 256 px input. The package ships
+# weights for it trained on generated microscopy-like stacks (see model/train.py
+# and docs/training.md): a demo, not a substitute for SAM 2.1.
+NANO = register(
+    _v21(
+        SAM2Config(
+            trunk=HieraConfig(
+                embed_dim=24,
+                num_heads=1,
+                stages=(1, 1, 2, 1),
+                global_att_blocks=(3,),
+                window_spec=(8, 4, 8, 4),
+                window_pos_embed_bkg_spatial_size=(4, 4),
+            ),
+            image_size=256,
+            d_model=64,
+            mem_dim=32,
+            decoder_heads=4,
+            decoder_mlp_dim=256,
+            iou_head_hidden_dim=64,
+            mask_in_chans=16,
+            memory_attention_layers=2,
+            memory_attention_ffn_dim=256,
+            fuser_layers=1,
+        ),
+        "sam2.1_nano_synthetic",
+    )
+)
 
 
 def get_config(name: str) -> SAM2Config:
