@@ -1,4 +1,4 @@
-"""Command line: ``napari-sam2 models``, ``napari-sam2 fetch``, ``napari-sam2 segment``."""
+"""Command line: ``napari-sam2 models | gui | fetch | segment | train | evaluate``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from .model.config import DEFAULT_MODEL
 
 
 def _parse_xy(text: str) -> List[float]:
@@ -45,18 +47,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--point", type=_parse_xy, action="append", default=[], help="positive click X,Y (repeatable)")
     s.add_argument("--negative", type=_parse_xy, action="append", default=[], help="negative click X,Y (repeatable)")
     s.add_argument("--box", type=_parse_box, help="box X0,Y0,X1,Y1")
-    s.add_argument("--model", default="sam2.1_hiera_tiny")
-    s.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: download the official one)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL}, bundled)")
+    s.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: bundled, or download the official one)")
     s.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
     s.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    t = sub.add_parser(
+        "train",
+        help="train or fine-tune a model on stacks with instance labels",
+        description="Train (--init scratch) or fine-tune (--init pretrained, or a weights file) on "
+        "stacks with instance label images. Writes OUT/checkpoint.pt (resume with --resume), "
+        "OUT/weights.pt (use it with --checkpoint in the widget or CLI) and OUT/history.json.",
+    )
+    t.add_argument("--pair", nargs=2, action="append", default=[], type=Path, metavar=("IMAGE", "LABELS"),
+                   help="an image stack and its label stack, same shape (repeatable)")
+    t.add_argument("--synthetic", type=int, default=0, metavar="N", help="add N generated stacks (seeds 1000..)")
+    t.add_argument("--out", type=Path, required=True, help="folder for checkpoints and history")
+    t.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL})")
+    t.add_argument("--init", default="pretrained", help="scratch, pretrained (default) or a weights file")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--steps-per-epoch", type=int, default=100)
+    t.add_argument("--clip-length", type=int, default=8, help="consecutive slices per clip")
+    t.add_argument("--clips-per-step", type=int, default=2)
+    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 from scratch, 3e-5 otherwise)")
+    t.add_argument("--val-fraction", type=float, default=0.2, help="share of stacks held out for validation")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    t.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+
+    e = sub.add_parser("evaluate", help="one click per object on its middle slice, propagate, report 3D Dice")
+    e.add_argument("--pair", nargs=2, action="append", default=[], type=Path, metavar=("IMAGE", "LABELS"))
+    e.add_argument("--synthetic-seeds", type=int, nargs="*", default=[], metavar="SEED",
+                   help="generated nuclei stacks with these seeds (training used 1000..1095, 5000..5011)")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--checkpoint", type=Path, help="weights file (default: the model's own)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--fast", action="store_true")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .model import CHECKPOINTS, MODELS, CheckpointError, InputError
+    from .model.train import TrainingError
 
     try:
         if args.command == "models":
@@ -66,6 +102,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.command == "gui":
             return _gui(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         if args.command == "fetch":
             from .model.checkpoint import fetch_checkpoint
 
@@ -76,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(fetch_checkpoint(info.url, sha256=info.sha256))
             return 0
         return _segment(args)
-    except (CheckpointError, InputError, FileExistsError, FileNotFoundError) as err:
+    except (CheckpointError, InputError, TrainingError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -127,6 +167,64 @@ def _segment(args) -> int:
     masks = result.masks if result.masks.ndim == 2 else result.masks[int(np.argmax(result.iou))]
     write_labels(args.output, masks.astype(np.uint16), overwrite=args.overwrite)
     print(f"wrote {args.output} ({int(masks.sum())} pixels, predicted IoU {float(np.max(result.iou)):.2f})")
+    return 0
+
+
+def _read_pairs(pairs, size: int) -> list:
+    from .io import read_image
+    from .model.train import prepare_stack
+
+    stacks = []
+    for image_path, label_path in pairs:
+        print(f"reading {image_path} with labels {label_path}")
+        stacks.append(prepare_stack(read_image(image_path), read_image(label_path), size, name=image_path.name))
+    return stacks
+
+
+def _train(args) -> int:
+    from .model.config import get_config
+    from .model.devices import pick_device
+    from .model.train import TrainConfig, TrainingError, prepare_stack, train
+    from .sample_data import random_stack
+
+    if not args.pair and args.synthetic <= 0:
+        raise TrainingError("no data: give --pair IMAGE LABELS (repeatable) and/or --synthetic N")
+    size = get_config(args.model).image_size
+    stacks = _read_pairs(args.pair, size)
+    stacks += [prepare_stack(*random_stack(s), size, name=f"seed {s}") for s in range(1000, 1000 + args.synthetic)]
+    lr = args.lr if args.lr is not None else (1e-3 if args.init == "scratch" else 3e-5)
+    cfg = TrainConfig(
+        model=args.model, init=args.init, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        clip_length=args.clip_length, clips_per_step=args.clips_per_step, lr=lr,
+        val_fraction=args.val_fraction, seed=args.seed, device=str(pick_device(args.device)), bf16=args.bf16,
+    )
+    train(cfg, stacks, args.out, resume=args.resume)
+    return 0
+
+
+def _evaluate(args) -> int:
+    import numpy as np
+
+    from .io import read_image
+    from .model import load_model
+    from .model.devices import pick_device
+    from .model.evaluate import click_and_propagate, slice_table
+    from .sample_data import nuclei_3d
+
+    model = load_model(args.model, args.checkpoint, device=pick_device(args.device))
+    data = [(f"{p[0].name}", read_image(p[0]), read_image(p[1])) for p in args.pair]
+    data += [(f"nuclei seed {s}", *nuclei_3d(seed=s)) for s in args.synthetic_seeds]
+    if not data:
+        raise FileNotFoundError("no data: give --pair IMAGE LABELS and/or --synthetic-seeds SEED ...")
+    everything = []
+    for name, image, labels in data:
+        scores = click_and_propagate(model, image, labels, fast=args.fast)
+        everything += scores
+        print(f"{name}: {len(scores)} objects, mean 3D Dice {np.mean([s.dice_3d for s in scores]):.3f}")
+    print(f"all: {len(everything)} objects, mean 3D Dice {np.mean([s.dice_3d for s in everything]):.3f}")
+    print("distance from click  mean Dice  slices")
+    for d, m, n in slice_table(everything):
+        print(f"{d:20d}  {m:9.3f}  {n:6d}")
     return 0
 
 

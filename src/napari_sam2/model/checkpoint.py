@@ -17,10 +17,11 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .config import SAM2Config, get_config
+from .config import DEFAULT_MODEL, SAM2Config, get_config
 from .sam2 import SAM2Model, build_model
 
 __all__ = [
+    "BUNDLED",
     "CHECKPOINTS",
     "CheckpointError",
     "CheckpointInfo",
@@ -28,6 +29,7 @@ __all__ = [
     "describe_state_dict",
     "fetch_checkpoint",
     "load_model",
+    "model_for_checkpoint",
     "read_state_dict",
 ]
 
@@ -57,6 +59,32 @@ CHECKPOINTS: Dict[str, CheckpointInfo] = {
     **{f"sam2_hiera_{s}": CheckpointInfo(f"{_BASE_20}sam2_hiera_{s}.pt") for s in ("tiny", "small", "base_plus", "large")},
     **{f"sam2.1_hiera_{s}": CheckpointInfo(f"{_BASE_21}sam2.1_hiera_{s}.pt") for s in ("tiny", "small", "base_plus", "large")},
 }
+
+
+# Weights that ship inside the package: registry name -> (file in napari_sam2/weights, SHA-256).
+# Empty for now: the nano model's from-scratch training has not converged on a CPU
+# (docs/training.md). export_bundled() writes the file and returns the sum to record here.
+BUNDLED: Dict[str, Tuple[str, str]] = {}
+
+
+def bundled_path(name: str) -> Path:
+    """Where the package keeps the weights of bundled model ``name``."""
+    return Path(__file__).resolve().parent.parent / "weights" / BUNDLED[name][0]
+
+
+def export_bundled(weights: Union[str, Path], name: str = "sam2.1_nano_synthetic") -> Tuple[Path, str]:
+    """Write trained weights (float16, to halve the size) as the package's file for
+    ``name``; returns (path, SHA-256) — the sum then goes into :data:`BUNDLED`."""
+    sd = read_state_dict(weights)
+    model = build_model(get_config(name))
+    load_weights(model, sd, source=str(weights))
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    target = bundled_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(half, tmp)
+    os.replace(tmp, target)
+    return target, _sha256(target)
 
 
 class CheckpointError(RuntimeError):
@@ -200,6 +228,28 @@ def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
     return f"a SAM {version} {size} checkpoint"
 
 
+def model_for_checkpoint(path: Union[str, Path]) -> str:
+    """The registry name whose architecture fits the weights in ``path`` (first match;
+    models that differ only in input size share weights)."""
+    from .config import MODELS
+
+    sd = read_state_dict(path)
+    key_dim = "image_encoder.trunk.patch_embed.proj.weight"
+    if key_dim not in sd or "sam_mask_decoder.iou_token.weight" not in sd:
+        raise CheckpointError(f"{path} looks like {describe_state_dict(sd)}; it cannot be used")
+    version = "2.1" if ("no_obj_embed_spatial" in sd or "obj_ptr_tpos_proj.weight" in sd) else "2.0"
+    width = sd[key_dim].shape[0]
+    blocks = len({k.split(".")[3] for k in sd if k.startswith("image_encoder.trunk.blocks.")})
+    d_model = sd["sam_mask_decoder.iou_token.weight"].shape[1]
+    for name, cfg in MODELS.items():
+        if (cfg.version, cfg.trunk.embed_dim, sum(cfg.trunk.stages), cfg.d_model) == (version, width, blocks, d_model):
+            return name
+    raise CheckpointError(
+        f"{path} looks like {describe_state_dict(sd)}, which fits no registered model; "
+        "register a config for it (napari_sam2.model.config.register)"
+    )
+
+
 def _expected_description(cfg: SAM2Config) -> str:
     size = _SIZES_BY_TRUNK.get(
         (cfg.trunk.embed_dim, sum(cfg.trunk.stages)),
@@ -223,7 +273,7 @@ def load_weights(model: SAM2Model, sd: Mapping[str, torch.Tensor], *, source: st
 
 
 def load_model(
-    name: str = "sam2.1_hiera_tiny",
+    name: str = DEFAULT_MODEL,
     checkpoint: Optional[Union[str, Path]] = None,
     *,
     device: Union[str, torch.device, None] = "cpu",
@@ -232,12 +282,23 @@ def load_model(
 ) -> SAM2Model:
     """Build model ``name`` and load its weights.
 
-    ``checkpoint`` is a local file; without it the official file is fetched
-    into the cache on first use.
+    ``checkpoint`` is a local file; without it the package's bundled weights
+    are used (models in :data:`BUNDLED`, checked against their recorded sum),
+    or the official file is fetched into the cache on first use.
     """
     cfg = get_config(name)
     if image_size is not None:
         cfg = cfg.with_image_size(image_size)
+    if checkpoint is None and name in BUNDLED:
+        checkpoint = bundled_path(name)
+        if not checkpoint.exists():
+            raise CheckpointError(f"the bundled weights of {name!r} are missing from the installation ({checkpoint}); reinstall napari-sam2")
+        expected = BUNDLED[name][1]
+        if _sha256(checkpoint) != expected:
+            raise CheckpointError(
+                f"the bundled weights {checkpoint} do not match their recorded SHA-256 sum; "
+                "the installation is damaged: reinstall napari-sam2"
+            )
     if checkpoint is None:
         if name not in CHECKPOINTS:
             raise CheckpointError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
-__all__ = ["HieraConfig", "SAM2Config", "MODELS", "NANO", "get_config", "register"]
+__all__ = ["DEFAULT_MODEL", "HieraConfig", "SAM2Config", "MODELS", "NANO", "get_config", "register"]
 
 
 @dataclass(frozen=True)
@@ -145,10 +145,10 @@ for _size, _trunk in (
 # MedSAM2 fine-tunes SAM 2.1 tiny at 512 px; same weights layout, smaller input.
 register(replace(MODELS["sam2.1_hiera_tiny"], name="sam2.1_hiera_tiny_512", image_size=512))
 
-# A "nano" SAM 2.1 (about 1.3 M parameters) for CPUs and offline use: a narrow
-# five-block Hiera, 64-wide heads and memory, 256 px input. The package ships
-# weights for it trained on generated microscopy-like stacks (see model/train.py
-# and docs/training.md): a demo, not a substitute for SAM 2.1.
+# A "nano" SAM 2.1 (1.25 M parameters) meant for CPUs and offline use: a narrow
+# five-block Hiera, 64-wide heads and memory, 256 px input. Trained from scratch
+# on generated stacks by scripts/train_nano.py; no trained weights ship yet (see
+# docs/training.md for why), so it is not the default.
 NANO = register(
     _v21(
         SAM2Config(
@@ -174,6 +174,10 @@ NANO = register(
         "sam2.1_nano_synthetic",
     )
 )
+
+
+# what the widget and the command line use unless told otherwise
+DEFAULT_MODEL = "sam2.1_hiera_tiny"
 
 
 def get_config(name: str) -> SAM2Config:

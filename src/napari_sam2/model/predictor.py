@@ -2,7 +2,7 @@
 
 Example::
 
-    predictor = ImagePredictor(load_model("sam2.1_hiera_tiny"))
+    predictor = ImagePredictor(load_model("sam2.1_hiera_tiny"))  # or load_model() for the bundled nano model
     predictor.set_image(image, intensity_range=(100, 3000))
     result = predictor.predict(points=[[120, 80]], labels=[1])
     result.masks  # 3 x H x W bool (multimask by default for a single click)

@@ -649,7 +649,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return float(res.loss), res.parts
+        return float(res.loss.detach()), res.parts
 
     def validation_batches(self) -> List[Batch]:
         """A fixed set of clips (the same every epoch): the middle slice is prompted."""
@@ -671,7 +671,7 @@ class Trainer:
         if not batches:
             return {}
         self.model.eval()
-        losses, dices, first, last = [], [], [], []
+        losses, dices = [], []
         gen = torch.Generator().manual_seed(0)
         for batch in batches:
             with self._amp():

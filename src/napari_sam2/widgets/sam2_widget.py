@@ -24,10 +24,10 @@ from magicgui.widgets import (
     PushButton,
 )
 
+from ..model.config import DEFAULT_MODEL
 from ..model.preprocess import InputError
 
 CHOOSE_FILE = "choose a checkpoint file…"
-DEFAULT_MODEL = "sam2.1_hiera_tiny"
 POSITIVE_COLOR, NEGATIVE_COLOR = "#33ff33", "#ff3355"
 
 
@@ -166,6 +166,7 @@ class SAM2Widget(Container):
     def _load_model(self):
         """Load (or reuse) the chosen model; raises with a plain message."""
         from ..model import load_model
+        from ..model.checkpoint import model_for_checkpoint
         from ..model.devices import pick_device
 
         name = self._model_combo.value
@@ -173,7 +174,7 @@ class SAM2Widget(Container):
         if name == CHOOSE_FILE:
             if not ckpt:
                 raise InputError("choose a checkpoint file first")
-            name = DEFAULT_MODEL
+            name = model_for_checkpoint(ckpt)
         key = (name, ckpt, self._device_combo.value)
         if self._model is not None and (self._model_key is None or self._model_key == key):
             return self._model

@@ -1,0 +1,235 @@
+"""Training: prompt simulation, losses, data preparation, determinism, resuming, learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sam2.model.config import NANO
+from napari_sam2.model.preprocess import InputError
+from napari_sam2.model.train import (
+    AnnotatedStack,
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    central_click,
+    click_from_mask,
+    correction_click,
+    mask_losses,
+    noisy_box,
+    prepare_stack,
+    sample_batch,
+    split_stacks,
+)
+from napari_sam2.sample_data import random_stack
+
+SIZE = 128  # the nano architecture at 128 px keeps CI steps short
+
+
+def _disc(side, cy, cx, r):
+    yy, xx = np.mgrid[:side, :side]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def test_click_from_mask_lands_inside():
+    gt = torch.from_numpy(np.stack([_disc(32, 10, 20, 4), _disc(32, 25, 5, 2)]))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p = click_from_mask(gt, gen)
+        assert p.labels.tolist() == [[1], [1]]
+        for b in range(2):
+            x, y = p.coords[b, 0].long().tolist()
+            assert gt[b, y, x]
+
+
+def test_central_click_is_the_disc_centre():
+    gt = torch.from_numpy(np.stack([_disc(40, 12, 30, 6), _disc(40, 27, 9, 5)]))
+    p = central_click(gt)
+    assert p.coords[:, 0].tolist() == [[30.0, 12.0], [9.0, 27.0]]
+
+
+def test_box_without_jitter_is_the_bounding_box():
+    gt = torch.zeros(1, 20, 20, dtype=torch.bool)
+    gt[0, 3:9, 5:16] = True  # rows 3..8, columns 5..15
+    p = noisy_box(gt, torch.Generator().manual_seed(0), jitter=0.0)
+    assert p.coords[0].tolist() == [[5.0, 3.0], [15.0, 8.0]]
+    assert p.labels.tolist() == [[2, 3]]
+    jittered = noisy_box(gt, torch.Generator().manual_seed(1), jitter=0.1)
+    assert (jittered.coords[0] - p.coords[0]).abs().max() <= 0.1 * 11 + 1e-6
+
+
+def test_correction_click_samples_the_error_region():
+    gt = torch.zeros(2, 16, 16, dtype=torch.bool)
+    gt[:, 4:12, 4:12] = True
+    logits = torch.full((2, 1, 16, 16), -5.0)
+    logits[0, 0, 4:12, 4:8] = 5.0  # object 0: right half missing -> positive clicks there
+    logits[1, 0, :, :] = 5.0  # object 1: everything predicted -> negative clicks outside
+    logits[1, 0, 4:12, 4:12] = 5.0
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        p = correction_click(logits, gt, gen)
+        (x0, y0), (x1, y1) = p.coords[0, 0].long().tolist(), p.coords[1, 0].long().tolist()
+        assert p.labels[0, 0] == 1 and 4 <= y0 < 12 and 8 <= x0 < 12
+        assert p.labels[1, 0] == 0 and not gt[1, y1, x1]
+
+
+# ------------------------------------------------------------------ losses
+
+
+def test_mask_losses_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, (2, 3, 8, 8))
+    t = rng.random((2, 8, 8)) < 0.4
+    focal, dice = mask_losses(torch.tensor(x, dtype=torch.float32), torch.from_numpy(t))
+    for b in range(2):
+        for m in range(3):
+            xi, ti = x[b, m].ravel(), t[b].ravel().astype(float)
+            p = 1 / (1 + np.exp(-xi))
+            ce = -(ti * np.log(p) + (1 - ti) * np.log(1 - p))
+            pt = np.where(ti == 1, p, 1 - p)
+            alpha = np.where(ti == 1, 0.25, 0.75)
+            assert focal[b, m].item() == pytest.approx(np.mean(alpha * (1 - pt) ** 2 * ce), rel=1e-4)
+            d = 1 - (2 * (p * ti).sum() + 1) / (p.sum() + ti.sum() + 1)
+            assert dice[b, m].item() == pytest.approx(d, rel=1e-4)
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_prepare_stack_resizes_and_checks():
+    image, labels = random_stack(4, kind="nuclei", size=160)
+    s = prepare_stack(image, labels, SIZE)
+    assert s.frames.shape == (len(image), 1, SIZE, SIZE) and s.frames.dtype == torch.float16
+    assert 0 <= float(s.frames.min()) and float(s.frames.max()) <= 1
+    assert s.labels.shape == (len(image), SIZE, SIZE)
+    assert set(np.unique(s.labels.numpy())) <= set(np.unique(labels))  # nearest: no new ids
+    with pytest.raises(InputError, match="must match"):
+        prepare_stack(image, labels[:, :-1], SIZE)
+    with pytest.raises(InputError, match="integer instance ids"):
+        prepare_stack(image, labels + 0.5, SIZE)
+    with pytest.raises(InputError, match="all background"):
+        prepare_stack(image, np.zeros_like(labels), SIZE)
+
+
+def test_split_keeps_whole_stacks_or_cuts_a_single_one():
+    stacks = [AnnotatedStack(torch.zeros(10, 1, 4, 4), torch.ones(10, 4, 4, dtype=torch.int32), f"s{i}") for i in range(5)]
+    tr, va = split_stacks(stacks, 0.2, seed=0)
+    assert len(tr) == 4 and len(va) == 1 and {s.name for s in tr + va} == {f"s{i}" for i in range(5)}
+    tr, va = split_stacks(stacks[:1], 0.2, seed=0)
+    assert (len(tr[0]), len(va[0])) == (8, 2)
+    with pytest.raises(TrainingError, match="no training data"):
+        split_stacks([], 0.2, seed=0)
+
+
+def test_batches_follow_the_labels():
+    stacks = [prepare_stack(*random_stack(s, kind="nuclei", size=SIZE), SIZE) for s in (1, 2)]
+    cfg = TrainConfig(clip_length=5, clips_per_step=2, objects_per_clip=3, min_area=12)
+    batch = sample_batch(stacks, cfg, np.random.default_rng(0))
+    assert batch.images.shape == (2, 5, 3, SIZE, SIZE)
+    b = batch.targets.shape[0]
+    assert batch.targets.shape == (b, 5, SIZE, SIZE) and 2 <= b <= 6
+    # every object is present (and big enough) on the prompted slice
+    assert (batch.targets[:, batch.prompt_frame].flatten(1).sum(1) >= cfg.min_area).all()
+
+
+# ------------------------------------------------------------------ training runs
+
+
+def _small_run(tmp_path, **changes):
+    cfg = TrainConfig(
+        model=NANO.name, image_size=SIZE, clip_length=4, clips_per_step=2, objects_per_clip=2,
+        epochs=1, steps_per_epoch=4, warmup_steps=2, val_clips=2, seed=5,
+    ).replace(**changes)
+    stacks = [prepare_stack(*random_stack(s, kind="nuclei", size=SIZE), SIZE, name=str(s)) for s in (11, 12, 13)]
+    return cfg, stacks[:2], stacks[2:]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    cfg, tr, va = _small_run(tmp_path, epochs=2, steps_per_epoch=2)
+    straight = Trainer(cfg, tr, va, tmp_path / "a")
+    list(straight.run())
+    first = Trainer(cfg, tr, va, tmp_path / "b")
+    for ev in first.run():
+        if ev.kind == "epoch" and ev.epoch == 1:
+            break  # stopped after the first epoch's checkpoint
+    resumed = Trainer(cfg, tr, va, tmp_path / "b")
+    resumed.resume()
+    assert resumed.step == 2
+    list(resumed.run())
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["val_dice"] for h in straight.history] == [h["val_dice"] for h in resumed.history]
+    # and the weights file it writes loads as the model
+    from napari_sam2.model.checkpoint import load_model
+
+    load_model(NANO.name, tmp_path / "b" / "weights.pt", image_size=SIZE)
+
+
+def test_resume_refuses_other_files(tmp_path):
+    cfg, tr, va = _small_run(tmp_path)
+    t = Trainer(cfg, tr, va, tmp_path)
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        t.resume()
+    torch.save({"model": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(TrainingError, match="not a napari-sam2 training checkpoint"):
+        t.resume()
+    (tmp_path / "checkpoint.pt").write_text("hello")
+    with pytest.raises(TrainingError, match="not a readable"):
+        t.resume()
+
+
+def test_training_learns_on_a_fixed_seed(tmp_path):
+    """A few dozen steps: the training loss falls and validation Dice on held-out
+    stacks rises. One cell per stack, so that what the tiny model can learn in
+    seconds (telling the object from the background) is what Dice measures;
+    telling touching objects apart from a click takes far longer (docs/training.md)."""
+    from napari_sam2.sample_data import cells_2d_time
+
+    cfg, _, _ = _small_run(tmp_path, epochs=1, steps_per_epoch=30, warmup_steps=5, lr=1e-3, val_clips=4, objects_per_clip=1)
+    stacks = [
+        prepare_stack(*cells_2d_time((8, SIZE, SIZE), 1, seed, radius=(14, 24)), SIZE, name=str(seed))
+        for seed in range(20, 26)
+    ]
+    tr, va = stacks[:4], stacks[4:]
+    trainer = Trainer(cfg, tr, va, tmp_path)
+    losses = [ev.loss for ev in trainer.run() if ev.kind == "step"]
+    before, after = trainer.history[0], trainer.history[-1]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert after["val_loss"] < before["val_loss"]
+    assert after["val_dice"] > before["val_dice"] + 0.2
+
+
+def test_command_line_train_then_evaluate(tmp_path, capsys):
+    import json
+
+    import tifffile
+
+    from napari_sam2.cli import main
+    from napari_sam2.sample_data import cells_2d_time
+
+    pairs = []
+    for seed in (1, 2):
+        image, labels = cells_2d_time((6, 64, 64), 2, seed, radius=(8, 12))
+        img, lab = tmp_path / f"img{seed}.tif", tmp_path / f"lab{seed}.tif"
+        tifffile.imwrite(img, image)
+        tifffile.imwrite(lab, labels)
+        pairs += ["--pair", str(img), str(lab)]
+    out = tmp_path / "run"
+    args = ["train", *pairs, "--out", str(out), "--model", NANO.name, "--init", "scratch", "--epochs", "1",
+            "--steps-per-epoch", "2", "--clip-length", "3", "--device", "cpu"]
+    assert main(args) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [0, 2] and "val_dice" in history[-1]
+    assert "epoch   1  step 2/2" in capsys.readouterr().out
+    assert main(["evaluate", *pairs[:3], "--model", NANO.name, "--checkpoint", str(out / "weights.pt"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "img1.tif: 2 objects, mean 3D Dice" in printed and "distance from click" in printed
+    # no data, and a resume with nothing to resume: plain errors, no traceback
+    assert main(["train", "--out", str(tmp_path / "x")]) == 1
+    assert "no data" in capsys.readouterr().err
+    assert main([*args[:-4], "--resume", "--out", str(tmp_path / "empty")]) == 1
+    assert "no checkpoint to resume" in capsys.readouterr().err
