@@ -233,3 +233,18 @@ def test_command_line_train_then_evaluate(tmp_path, capsys):
     assert "no data" in capsys.readouterr().err
     assert main([*args[:-4], "--resume", "--out", str(tmp_path / "empty")]) == 1
     assert "no checkpoint to resume" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_matches_cpu_validation(tmp_path):
+    """Train a few steps on the GPU; the same weights validate alike on the CPU."""
+    cfg, tr, va = _small_run(tmp_path, device="cuda")
+    gpu = Trainer(cfg, tr, va, tmp_path / "gpu")
+    losses = [ev.loss for ev in gpu.run() if ev.kind == "step"]
+    assert all(np.isfinite(losses))
+    cpu = Trainer(cfg.replace(device="cpu"), tr, va, tmp_path / "cpu")
+    cpu.model.load_state_dict({k: v.cpu() for k, v in gpu.model.state_dict().items()})
+    a, b = gpu.validate(), cpu.validate()
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-2)
+    assert a["val_dice"] == pytest.approx(b["val_dice"], abs=0.02)
