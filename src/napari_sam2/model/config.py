@@ -146,9 +146,8 @@ for _size, _trunk in (
 register(replace(MODELS["sam2.1_hiera_tiny"], name="sam2.1_hiera_tiny_512", image_size=512))
 
 # A "nano" SAM 2.1 (1.25 M parameters) meant for CPUs and offline use: a narrow
-# five-block Hiera, 64-wide heads and memory, 256 px input. Trained from scratch
-# on generated stacks by scripts/train_nano.py; no trained weights ship yet (see
-# docs/training.md for why), so it is not the default.
+# five-block Hiera, 64-wide heads and memory, 128 px input. Trained from scratch
+# on generated stacks by scripts/train_nano.py (docs/training.md).
 NANO = register(
     _v21(
         SAM2Config(
@@ -160,7 +159,7 @@ NANO = register(
                 window_spec=(8, 4, 8, 4),
                 window_pos_embed_bkg_spatial_size=(4, 4),
             ),
-            image_size=256,
+            image_size=128,
             d_model=64,
             mem_dim=32,
             decoder_heads=4,
