@@ -32,7 +32,7 @@ def main(history_path: str, out_path: str) -> None:
     b.set_ylabel("validation Dice per object and clip")
     b.set_ylim(0, 1)
     b.grid(alpha=0.3)
-    fig.suptitle("nano model trained from scratch on generated stacks (CPU)")
+    fig.suptitle(sys.argv[3] if len(sys.argv) > 3 else "nano model trained from scratch on generated stacks (CPU)")
     fig.tight_layout()
     fig.savefig(out_path)
     print(f"wrote {out_path}")
