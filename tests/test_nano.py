@@ -56,6 +56,9 @@ def test_model_for_checkpoint_recognises_architectures(tmp_path):
         path = tmp_path / f"{name}.pt"
         torch.save({"model": build_model(get_config(name)).state_dict()}, path)
         assert ckpt.model_for_checkpoint(path) == name
+    assert load_model(None, path).config.name == NANO.name  # the widget's "choose a file"
+    with pytest.raises(CheckpointError, match="model name or a checkpoint"):
+        load_model(None)
     (tmp_path / "x.pt").write_bytes(b"")
     with pytest.raises(CheckpointError):
         ckpt.model_for_checkpoint(tmp_path / "x.pt")

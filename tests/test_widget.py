@@ -148,12 +148,18 @@ def test_correction_then_propagation_matches_the_engine(make_napari_viewer, qtbo
     assert errors == []
 
 
-def test_cancel_keeps_done_slices_and_viewer_usable(make_napari_viewer, qtbot, model, errors):
+def forward_run_until(make_napari_viewer, qtbot, model, z):
+    """A 30-slice stack clicked on slice 0, propagating forward, with slice ``z`` written."""
     viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume(n=30))
     click(viewer, widget, 0, 18, 20)
     wait(qtbot, widget)
     widget.propagate("forward")
-    qtbot.waitUntil(lambda: widget._labels.data[3].any(), timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: widget._labels.data[z].any(), timeout=TIMEOUT)
+    return viewer, layer, widget
+
+
+def test_cancel_keeps_done_slices_and_viewer_usable(make_napari_viewer, qtbot, model, errors):
+    viewer, layer, widget = forward_run_until(make_napari_viewer, qtbot, model, 3)
     widget.cancel()
     qtbot.waitUntil(lambda: widget._propagation is None, timeout=TIMEOUT)
     done = [z for z in range(30) if widget._labels.data[z].any()]
@@ -245,11 +251,7 @@ def test_bad_input_gives_notifications(make_napari_viewer, qtbot, model, errors,
 
 
 def test_image_removed_mid_run(make_napari_viewer, qtbot, model, errors):
-    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume(n=30))
-    click(viewer, widget, 0, 18, 20)
-    wait(qtbot, widget)
-    widget.propagate("forward")
-    qtbot.waitUntil(lambda: widget._labels.data[1].any(), timeout=TIMEOUT)
+    viewer, layer, widget = forward_run_until(make_napari_viewer, qtbot, model, 1)
     viewer.layers.remove(layer)
     qtbot.waitUntil(lambda: widget._propagation is None, timeout=TIMEOUT)
     assert widget._segmenter is None
@@ -285,7 +287,7 @@ def test_keyboard_shortcuts_are_bound(make_napari_viewer, qtbot, model, errors):
 
     keys[KeyBinding.from_str("T")](widget._points)
     assert widget._positive is False
-    assert widget._points.feature_defaults["positive"].iloc[0] == False  # noqa: E712
+    assert widget._points.feature_defaults["positive"].iloc[0] == False
 
 
 def test_writes_into_an_existing_labels_layer(make_napari_viewer, qtbot, model, errors):

@@ -28,7 +28,8 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
 
 def _finish(signal: np.ndarray, rng, *, background: float, gain: float, noise: float, blur, gradient: float) -> np.ndarray:
     """Optics blur, an uneven background, camera noise; -> uint16."""
-    signal = ndimage.gaussian_filter(signal, blur)
+    if np.any(blur):
+        signal = ndimage.gaussian_filter(signal, blur)
     shape = signal.shape
     ramp = np.linspace(-1, 1, shape[-1], dtype=np.float32)[None, None, :] * gradient
     image = background * (1 + ramp) + gain * signal + rng.normal(0, noise, shape)

@@ -81,10 +81,15 @@ def export_bundled(weights: Union[str, Path], name: str = "sam2.1_nano_synthetic
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     target = bundled_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save(half, tmp)
-    os.replace(tmp, target)
+    atomic_save(half, target)
     return target, _sha256(target)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save into a temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 class CheckpointError(RuntimeError):
@@ -212,42 +217,51 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     return dict(obj)
 
 
+_TRUNK_KEY = "image_encoder.trunk.patch_embed.proj.weight"
+
+
+def _signature(sd: Mapping[str, torch.Tensor]) -> Tuple[str, int, int]:
+    """(SAM version, trunk width, trunk blocks) of a SAM 2 state dict."""
+    keys = set(sd)
+    version = "2.1" if ("no_obj_embed_spatial" in keys or "obj_ptr_tpos_proj.weight" in keys) else "2.0"
+    blocks = len({k.split(".")[3] for k in keys if k.startswith("image_encoder.trunk.blocks.")})
+    return version, sd[_TRUNK_KEY].shape[0], blocks
+
+
 def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
     """A short human description of what a state dict looks like."""
     keys = set(sd)
-    if "image_encoder.trunk.patch_embed.proj.weight" not in keys:
+    if _TRUNK_KEY not in keys:
         if any(k.startswith("mask_decoder.") for k in keys) and any("rel_pos" in k for k in keys):
             return "a SAM 1 (segment-anything) checkpoint"
         if any(k.startswith("sam_mask_decoder.") for k in keys):
             return "a SAM 2 checkpoint without its image encoder"
         return "not a SAM 2 checkpoint"
-    version = "2.1" if ("no_obj_embed_spatial" in keys or "obj_ptr_tpos_proj.weight" in keys) else "2.0"
-    dim = sd["image_encoder.trunk.patch_embed.proj.weight"].shape[0]
-    blocks = len({k.split(".")[3] for k in keys if k.startswith("image_encoder.trunk.blocks.")})
+    version, dim, blocks = _signature(sd)
     size = _SIZES_BY_TRUNK.get((dim, blocks), f"custom (width {dim}, {blocks} blocks)")
     return f"a SAM {version} {size} checkpoint"
 
 
-def model_for_checkpoint(path: Union[str, Path]) -> str:
-    """The registry name whose architecture fits the weights in ``path`` (first match;
-    models that differ only in input size share weights)."""
+def model_for_state_dict(sd: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> str:
+    """The registry name whose architecture fits ``sd`` (first match; models that
+    differ only in input size share weights)."""
     from .config import MODELS
 
-    sd = read_state_dict(path)
-    key_dim = "image_encoder.trunk.patch_embed.proj.weight"
-    if key_dim not in sd or "sam_mask_decoder.iou_token.weight" not in sd:
-        raise CheckpointError(f"{path} looks like {describe_state_dict(sd)}; it cannot be used")
-    version = "2.1" if ("no_obj_embed_spatial" in sd or "obj_ptr_tpos_proj.weight" in sd) else "2.0"
-    width = sd[key_dim].shape[0]
-    blocks = len({k.split(".")[3] for k in sd if k.startswith("image_encoder.trunk.blocks.")})
-    d_model = sd["sam_mask_decoder.iou_token.weight"].shape[1]
+    if _TRUNK_KEY not in sd or "sam_mask_decoder.iou_token.weight" not in sd:
+        raise CheckpointError(f"{source} looks like {describe_state_dict(sd)}; it cannot be used")
+    wanted = (*_signature(sd), sd["sam_mask_decoder.iou_token.weight"].shape[1])
     for name, cfg in MODELS.items():
-        if (cfg.version, cfg.trunk.embed_dim, sum(cfg.trunk.stages), cfg.d_model) == (version, width, blocks, d_model):
+        if (cfg.version, cfg.trunk.embed_dim, sum(cfg.trunk.stages), cfg.d_model) == wanted:
             return name
     raise CheckpointError(
-        f"{path} looks like {describe_state_dict(sd)}, which fits no registered model; "
+        f"{source} looks like {describe_state_dict(sd)}, which fits no registered model; "
         "register a config for it (napari_sam2.model.config.register)"
     )
+
+
+def model_for_checkpoint(path: Union[str, Path]) -> str:
+    """The registry name whose architecture fits the weights in ``path``."""
+    return model_for_state_dict(read_state_dict(path), str(path))
 
 
 def _expected_description(cfg: SAM2Config) -> str:
@@ -273,7 +287,7 @@ def load_weights(model: SAM2Model, sd: Mapping[str, torch.Tensor], *, source: st
 
 
 def load_model(
-    name: str = DEFAULT_MODEL,
+    name: Optional[str] = DEFAULT_MODEL,
     checkpoint: Optional[Union[str, Path]] = None,
     *,
     device: Union[str, torch.device, None] = "cpu",
@@ -282,13 +296,17 @@ def load_model(
 ) -> SAM2Model:
     """Build model ``name`` and load its weights.
 
-    ``checkpoint`` is a local file; without it the package's bundled weights
+    ``checkpoint`` is a local file (with ``name=None`` the model is the one whose
+    architecture the file holds); without it the package's bundled weights
     are used (models in :data:`BUNDLED`, checked against their recorded sum),
     or the official file is fetched into the cache on first use.
     """
-    cfg = get_config(name)
-    if image_size is not None:
-        cfg = cfg.with_image_size(image_size)
+    if name is None:  # the architecture the file holds
+        if checkpoint is None:
+            raise CheckpointError("give a model name or a checkpoint file")
+        sd = read_state_dict(checkpoint)
+        return _build_and_load(model_for_state_dict(sd, str(checkpoint)), sd, str(checkpoint), device, image_size)
+    get_config(name)  # an unknown name fails here, listing the known ones
     if checkpoint is None and name in BUNDLED:
         checkpoint = bundled_path(name)
         if not checkpoint.exists():
@@ -307,7 +325,13 @@ def load_model(
             )
         info = CHECKPOINTS[name]
         checkpoint = fetch_checkpoint(info.url, sha256=info.sha256, progressbar=progressbar)
-    sd = read_state_dict(checkpoint)
+    return _build_and_load(name, read_state_dict(checkpoint), str(checkpoint), device, image_size)
+
+
+def _build_and_load(name: str, sd, source: str, device, image_size: Optional[int]) -> SAM2Model:
+    cfg = get_config(name)
+    if image_size is not None:
+        cfg = cfg.with_image_size(image_size)
     model = build_model(cfg)
-    load_weights(model, sd, source=str(checkpoint))
+    load_weights(model, sd, source=source)
     return model.to(device).eval()

@@ -17,7 +17,7 @@ import numpy as np
 from .sam2 import SAM2Model
 from .video import StackSession
 
-__all__ = ["ObjectScore", "click_and_propagate", "dice", "slice_table"]
+__all__ = ["ObjectScore", "central_pixel", "click_and_propagate", "dice", "slice_table"]
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -38,7 +38,8 @@ class ObjectScore:
     false_slices: int = 0
 
 
-def _central_pixel(mask: np.ndarray) -> tuple:
+def central_pixel(mask: np.ndarray) -> tuple:
+    """(x, y) of the pixel farthest from the mask's edge (where a user clicks)."""
     from scipy import ndimage
 
     d = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
@@ -67,7 +68,7 @@ def click_and_propagate(
             continue
         mid = (present[0] + present[-1]) / 2
         z = int(present[np.argmin(np.abs(present - mid))])
-        xy = _central_pixel(gt[z])
+        xy = central_pixel(gt[z])
         session.reset()
         session.add_points(z, 1, points=[xy], labels=[1])
         pred = np.zeros_like(gt)

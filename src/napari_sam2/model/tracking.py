@@ -216,6 +216,14 @@ def encode_memory(
     return features
 
 
+def maskmem_pos_tokens(model: SAM2Model, feats: FrameFeatures) -> torch.Tensor:
+    """Position encoding of the memory tokens of one frame: 1 hw mem_dim."""
+    h, w = feats.image_embed.shape[-2:]
+    probe = feats.image_embed.new_zeros(1, model.mem_dim, h, w)
+    pos = model.memory_encoder.position_encoding(probe)  # 1 mem_dim h w
+    return pos.flatten(2).transpose(1, 2).contiguous()
+
+
 def upsample_to_model(model: SAM2Model, low_res: torch.Tensor) -> torch.Tensor:
     """B 1 4h 4w logits -> B 1 S S (bilinear)."""
     return F.interpolate(low_res, size=(model.image_size, model.image_size), mode="bilinear", align_corners=False)

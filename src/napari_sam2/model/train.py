@@ -28,7 +28,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -36,11 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import atomic_save
 from .config import SAM2Config, get_config
 from .frames import FrameSource
 from .preprocess import InputError
 from .sam2 import FrameFeatures, HeadsOutput, SAM2Model, build_model
-from .tracking import FrameOutput, PointPrompt, encode_memory, track_step
+from .tracking import FrameOutput, PointPrompt, encode_memory, maskmem_pos_tokens, track_step
 
 __all__ = [
     "AnnotatedStack",
@@ -95,11 +97,7 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast
 
     def replace(self, **changes) -> "TrainConfig":
-        known = {f.name for f in fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise TypeError(f"unknown training settings: {', '.join(sorted(unknown))}")
-        return TrainConfig(**{**asdict(self), **changes})
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -137,12 +135,11 @@ def prepare_stack(image, labels, size: int, *, name: str = "", intensity_range=N
         raise InputError(f"labels of {name or 'a stack'} must be >= 0 (0 = background)")
     if not lab.any():
         raise InputError(f"labels of {name or 'a stack'} are all background; nothing to learn from")
+    grey = len(np.shape(image)) == 3 or np.shape(image)[-1] == 1  # stored as one channel
     frames = []
     for i in range(src.num_frames):
         x = src.model_input(i, size)[0]  # 3 S S
-        if x.shape[0] == 3 and (x[0] == x[1]).all() and (x[1] == x[2]).all():
-            x = x[:1]
-        frames.append(x.to(torch.float16))
+        frames.append((x[:1] if grey else x).to(torch.float16))
     lab_t = torch.from_numpy(lab.astype(np.int32))[:, None].float()
     lab_t = F.interpolate(lab_t, size=(size, size), mode="nearest-exact")[:, 0].to(torch.int32)
     return AnnotatedStack(torch.stack(frames), lab_t, name)
@@ -285,13 +282,9 @@ def click_from_mask(gt: torch.Tensor, gen: torch.Generator) -> PointPrompt:
 
 def central_click(gt: torch.Tensor) -> PointPrompt:
     """One positive click per B S S mask at its most interior pixel (where a user clicks)."""
-    from scipy import ndimage
+    from .evaluate import central_pixel
 
-    xy = []
-    for m in gt.cpu().numpy():
-        d = ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
-        y, x = np.unravel_index(int(np.argmax(d)), d.shape)
-        xy.append((x, y))
+    xy = [central_pixel(m) for m in gt.cpu().numpy()]
     return PointPrompt(torch.tensor(xy, dtype=torch.float32)[:, None], torch.ones(len(xy), 1, dtype=torch.int32))
 
 
@@ -373,12 +366,6 @@ def heads_loss(heads: HeadsOutput, gt: torch.Tensor, cfg: TrainConfig) -> Tuple[
 # ---------------------------------------------------------------------- one clip
 
 
-def _maskmem_pos(model: SAM2Model, feats: FrameFeatures) -> torch.Tensor:
-    h, w = feats.image_embed.shape[-2:]
-    probe = feats.image_embed.new_zeros(1, model.mem_dim, h, w)
-    return model.memory_encoder.position_encoding(probe).flatten(2).transpose(1, 2)
-
-
 @dataclass
 class ClipResult:
     loss: torch.Tensor
@@ -408,7 +395,7 @@ def run_clip(
             feats_all.image_embed[idx], [h[idx] for h in feats_all.high_res], feats_all.pos[idx]
         )
 
-    maskmem_pos = _maskmem_pos(model, feats_at(0))
+    maskmem_pos = maskmem_pos_tokens(model, feats_at(0))
     # the pointer position encoding is normalised by min(stack length, 16): use the
     # value a full stack gives at inference
     num_frames = max(t_len, model.config.max_obj_ptrs_in_encoder)
@@ -511,12 +498,6 @@ class TrainEvent:
     metrics: Dict[str, float] = field(default_factory=dict)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -598,8 +579,8 @@ class Trainer:
 
     def save(self) -> Path:
         path = self.out_dir / "checkpoint.pt"
-        _atomic_save(self.state(), path)
-        _atomic_save(self.model.state_dict(), self.out_dir / "weights.pt")
+        atomic_save(self.state(), path)
+        atomic_save(self.model.state_dict(), self.out_dir / "weights.pt")
         _atomic_write_text(json.dumps(self.history, indent=1), self.out_dir / "history.json")
         return path
 

@@ -29,6 +29,7 @@ from .tracking import (
     FrameOutput,
     PointPrompt,
     encode_memory,
+    maskmem_pos_tokens,
     track_step,
     upsample_to_model,
 )
@@ -177,10 +178,7 @@ class StackSession:
 
     def _maskmem_pos_tokens(self, feats: FrameFeatures) -> torch.Tensor:
         if self._maskmem_pos is None:
-            h, w = feats.image_embed.shape[-2:]
-            probe = feats.image_embed.new_zeros(1, self.model.mem_dim, h, w)
-            pos = self.model.memory_encoder.position_encoding(probe)  # 1 mem_dim h w
-            self._maskmem_pos = pos.flatten(2).transpose(1, 2).contiguous()  # 1 hw mem_dim
+            self._maskmem_pos = maskmem_pos_tokens(self.model, feats)
         return self._maskmem_pos
 
     # ------------------------------------------------------------------ prompts

@@ -166,7 +166,6 @@ class SAM2Widget(Container):
     def _load_model(self):
         """Load (or reuse) the chosen model; raises with a plain message."""
         from ..model import load_model
-        from ..model.checkpoint import model_for_checkpoint
         from ..model.devices import pick_device
 
         name = self._model_combo.value
@@ -174,7 +173,7 @@ class SAM2Widget(Container):
         if name == CHOOSE_FILE:
             if not ckpt:
                 raise InputError("choose a checkpoint file first")
-            name = model_for_checkpoint(ckpt)
+            name = None  # the architecture the file holds
         key = (name, ckpt, self._device_combo.value)
         if self._model is not None and (self._model_key is None or self._model_key == key):
             return self._model
