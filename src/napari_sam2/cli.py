@@ -97,8 +97,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "models":
             for name, cfg in MODELS.items():
+                from .model.checkpoint import BUNDLED
+
                 url = CHECKPOINTS.get(name)
-                print(f"{name:26s} SAM {cfg.version}  {cfg.image_size:4d}px  {url.url if url else '(bring your own checkpoint file)'}")
+                where = url.url if url else "(bundled with the package)" if name in BUNDLED else "(bring your own checkpoint file)"
+                print(f"{name:26s} SAM {cfg.version}  {cfg.image_size:4d}px  {where}")
             return 0
         if args.command == "gui":
             return _gui(args)
@@ -124,26 +127,43 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _gui(args) -> int:
     import napari
 
+    open_gui(args.image, model=args.model, checkpoint=args.checkpoint)
+    napari.run()
+    return 0
+
+
+def open_gui(image: Optional[Path] = None, *, model: Optional[str] = None, checkpoint: Optional[Path] = None, viewer=None):
+    """A viewer with ``image`` (default: the generated 3D nuclei) and the docked widget: (viewer, widget).
+
+    With a bundled model (the default) the session starts at once, so the
+    viewer opens ready for a click; other models start on "Start session"
+    (their first use downloads the checkpoint).
+    """
+    import napari
+
     from .io import read_image
+    from .model.checkpoint import BUNDLED
     from .sample_data import make_nuclei_3d
     from .widgets.sam2_widget import CHOOSE_FILE, SAM2Widget
 
-    viewer = napari.Viewer(title="napari-sam2")
-    if args.image is not None:
-        layer = viewer.add_image(read_image(args.image), name=args.image.stem)
+    if viewer is None:
+        viewer = napari.Viewer(title="napari-sam2")
+    if image is not None:
+        layer = viewer.add_image(read_image(image), name=Path(image).stem)
     else:
         data, meta, _ = make_nuclei_3d()[0]
         layer = viewer.add_image(data, **meta)
     widget = SAM2Widget(viewer)
     viewer.window.add_dock_widget(widget, name="SAM 2", area="right")
     widget._image_combo.value = layer
-    if args.checkpoint is not None:
+    if checkpoint is not None:
         widget._model_combo.value = CHOOSE_FILE
-        widget._checkpoint.value = str(args.checkpoint)
-    elif args.model:
-        widget._model_combo.value = args.model
-    napari.run()
-    return 0
+        widget._checkpoint.value = str(checkpoint)
+    elif model:
+        widget._model_combo.value = model
+    if checkpoint is None and widget._model_combo.value in BUNDLED:
+        widget.start()
+    return viewer, widget
 
 
 def _segment(args) -> int:
