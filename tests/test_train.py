@@ -18,6 +18,7 @@ from napari_sam2.model.train import (
     correction_click,
     mask_losses,
     noisy_box,
+    make_model,
     prepare_stack,
     sample_batch,
     split_stacks,
@@ -182,6 +183,29 @@ def test_resume_refuses_other_files(tmp_path):
         t.resume()
 
 
+def test_reinit_replaces_only_the_named_parts(tmp_path):
+    """init from a file, then the memory path re-initialised exactly as a fresh seeded model's."""
+    from napari_sam2.model import build_model
+
+    torch.manual_seed(123)
+    trained = build_model(NANO.with_image_size(SIZE))
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    cfg = TrainConfig(model=NANO.name, image_size=SIZE, init=str(tmp_path / "w.pt"), seed=7,
+                      reinit=("memory_attention", "memory_encoder"))
+    model = make_model(cfg)
+    torch.manual_seed(7)
+    fresh = build_model(NANO.with_image_size(SIZE)).state_dict()
+    got, old = model.state_dict(), trained.state_dict()
+    replaced = [k for k in got if k.startswith(("memory_attention", "memory_encoder"))]
+    assert len(replaced) > 20
+    for k in got:
+        expected = fresh[k] if k in replaced else old[k]
+        assert torch.equal(got[k], expected), k
+    assert not torch.equal(fresh["sam_mask_decoder.iou_token.weight"], old["sam_mask_decoder.iou_token.weight"])
+    with pytest.raises(TrainingError, match="no parameter name starts with"):
+        make_model(cfg.replace(reinit=("memory_atention",)))
+
+
 def test_training_learns_on_a_fixed_seed(tmp_path):
     """A few dozen steps: the training loss falls and validation Dice on held-out
     stacks rises. One cell per stack, so that what the tiny model can learn in
@@ -248,3 +272,31 @@ def test_cuda_training_matches_cpu_validation(tmp_path):
     a, b = gpu.validate(), cpu.validate()
     assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-2)
     assert a["val_dice"] == pytest.approx(b["val_dice"], abs=0.02)
+
+
+def test_training_forward_equals_a_session():
+    """The differentiable training pass (evaluation mode, one central click on the middle
+    slice, tracked both ways) gives the masks an inference session gives on the same clip."""
+    from napari_sam2.model import build_model
+    from napari_sam2.model.evaluate import central_pixel
+    from napari_sam2.model.frames import FrameSource
+    from napari_sam2.model.train import run_clip
+    from napari_sam2.model.video import StackSession
+
+    torch.manual_seed(0)
+    model = build_model(NANO.with_image_size(SIZE)).eval()
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
+    cfg = TrainConfig(model=NANO.name, image_size=SIZE, clip_length=6, clips_per_step=1, objects_per_clip=1)
+    stacks = [prepare_stack(*random_stack(s, kind="nuclei", size=160), SIZE) for s in (11, 12)]
+    batch = sample_batch(stacks, cfg, np.random.default_rng(3), augment=False, prompt_frame=3, prompt_kind="click")
+    with torch.no_grad():
+        trained_path = run_clip(model, batch, cfg, torch.Generator().manual_seed(0), central=True).masks[0]
+    frames = FrameSource(batch.images[0].permute(0, 2, 3, 1).numpy(), (0.0, 1.0))
+    session = StackSession(model, frames, fill_hole_area=0)  # training has no hole filling
+    session.add_points(3, 1, points=[central_pixel(batch.targets[0, 3].numpy())], labels=[1])
+    seen = 0
+    for t, masks in session.propagate("both", start=3):
+        np.testing.assert_array_equal(trained_path[t].numpy(), masks[1], err_msg=f"slice {t}")
+        seen += 1
+    assert seen == 6 and trained_path.any(axis=(1, 2)).sum() >= 3

@@ -114,8 +114,12 @@ def memory_conditioned_features(
     maskmem_pos: torch.Tensor,
     reverse: bool,
     num_frames: int,
+    use_pointers: bool = True,
 ) -> torch.Tensor:
-    """The frame's lowest-level features after attending to the memory bank: B C h w."""
+    """The frame's lowest-level features after attending to the memory bank: B C h w.
+
+    use_pointers=False leaves the object pointers out (a training regulariser only).
+    """
     x = feats.image_embed  # B C h w
     b, c, h, w = x.shape
     if is_init_cond_frame:  # nothing to remember yet
@@ -130,6 +134,8 @@ def memory_conditioned_features(
         tpos = model.maskmem_tpos_enc[model.num_maskmem - t_pos - 1].view(1, 1, -1)
         mem_pos.append((maskmem_pos + tpos).expand(b, -1, -1))
     pos, ptrs, max_ptrs = select_pointers(model, frame_idx, cond, non_cond, reverse, num_frames)
+    if not use_pointers:
+        ptrs = []
     num_ptr_tokens = 0
     if ptrs:
         cfg = model.config
@@ -176,12 +182,14 @@ def track_step(
     reverse: bool,
     num_frames: int,
     prev_mask_logits: Optional[torch.Tensor] = None,
+    use_pointers: bool = True,
 ) -> HeadsOutput:
     """Segment one object on one frame from its prompt and/or its memory."""
     if mask_input is not None:  # a mask prompt is taken as the output directly
         return model.mask_as_output(feats, mask_input)
     pix = memory_conditioned_features(
-        model, feats, frame_idx, is_init_cond_frame, cond, non_cond, maskmem_pos, reverse, num_frames
+        model, feats, frame_idx, is_init_cond_frame, cond, non_cond, maskmem_pos, reverse, num_frames,
+        use_pointers=use_pointers,
     )
     return model.forward_sam_heads(
         pix,

@@ -95,6 +95,12 @@ class TrainConfig:
     min_area: int = 12  # pixels (at model size) an object needs on the prompted slice
     device: str = "cpu"
     bf16: bool = False  # bfloat16 autocast
+    # parameter-name prefixes re-initialised (seeded) after loading ``init``, e.g.
+    # ("memory_attention", "memory_encoder") to give a collapsed memory path a new start
+    reinit: Tuple[str, ...] = ()
+    # share of training clips tracked without object pointers, so that the memory
+    # attention keeps using the spatial memories (see docs/training.md)
+    prob_drop_pointers: float = 0.0
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -418,6 +424,8 @@ def run_clip(
         masks[:, t] = (heads.high_res_masks[:, 0] > 0).detach().cpu()
 
     binarize = not model.training  # as at inference: masks from clicks enter memory binarised
+    use_pointers = not (model.training and cfg.prob_drop_pointers > 0
+                        and float(torch.rand((), generator=gen)) < cfg.prob_drop_pointers)
     p = batch.prompt_frame
     f = feats_at(p)
     gt = targets[:, p]
@@ -454,6 +462,7 @@ def run_clip(
             heads = track_step(
                 model, f, t, is_init_cond_frame=False, prompt=None, mask_input=None, cond=cond,
                 non_cond=non_cond, maskmem_pos=maskmem_pos, reverse=reverse, num_frames=num_frames,
+                use_pointers=use_pointers,
             )
             add_loss(heads, t)
             is_cond = False
@@ -464,6 +473,7 @@ def run_clip(
                     prompt=PointPrompt(click.coords.to(device), click.labels.to(device)), mask_input=None,
                     cond=cond, non_cond=non_cond, maskmem_pos=maskmem_pos, reverse=reverse,
                     num_frames=num_frames, prev_mask_logits=heads.low_res_masks.detach().clamp(-32.0, 32.0),
+                    use_pointers=use_pointers,
                 )
                 add_loss(heads, t)
                 is_cond = True
@@ -713,8 +723,26 @@ def make_model(cfg: TrainConfig) -> SAM2Model:
         torch.manual_seed(cfg.seed)
         return build_model(model_cfg)
     if cfg.init == "pretrained":
-        return load_model(cfg.model, image_size=cfg.image_size)
-    return load_model(cfg.model, cfg.init, image_size=cfg.image_size)
+        model = load_model(cfg.model, image_size=cfg.image_size)
+    else:
+        model = load_model(cfg.model, cfg.init, image_size=cfg.image_size)
+    return reinitialise(model, cfg.reinit, cfg.seed)
+
+
+def reinitialise(model: SAM2Model, prefixes: Sequence[str], seed: int) -> SAM2Model:
+    """Replace the parameters and buffers whose names start with one of ``prefixes``
+    by those of a freshly built model (seeded); the rest is kept."""
+    if not prefixes:
+        return model
+    state = model.state_dict()
+    chosen = [k for k in state if k.startswith(tuple(prefixes))]
+    if not chosen:
+        raise TrainingError(f"reinit: no parameter name starts with {', '.join(prefixes)}")
+    torch.manual_seed(seed)
+    fresh = build_model(model.config).state_dict()
+    state.update({k: fresh[k].to(state[k].device, state[k].dtype) for k in chosen})
+    model.load_state_dict(state)
+    return model
 
 
 def format_event(ev: TrainEvent) -> Optional[str]:
