@@ -19,3 +19,23 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's checkpoint cache from tests."""
     monkeypatch.setenv("NAPARI_SAM2_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture()
+def bundled_nano(tmp_path, monkeypatch):
+    """Random nano weights exported as the package's bundled file (in a temp folder):
+    (model, path, sha256)."""
+    from napari_sam2.model import build_model
+    from napari_sam2.model import checkpoint as ckpt
+    from napari_sam2.model.config import NANO
+
+    torch.manual_seed(0)
+    weights = tmp_path / "run" / "weights.pt"
+    weights.parent.mkdir()
+    model = build_model(NANO)
+    torch.save(model.state_dict(), weights)
+    target = tmp_path / "bundled" / "nano.pt"
+    monkeypatch.setattr(ckpt, "bundled_path", lambda name: target)
+    path, digest = ckpt.export_bundled(weights)
+    monkeypatch.setitem(ckpt.BUNDLED, NANO.name, (path.name, digest))
+    return model, path, digest

@@ -14,23 +14,8 @@ from napari_sam2.model.config import NANO, get_config
 from napari_sam2.model.evaluate import ObjectScore, click_and_propagate, dice, slice_table
 
 
-@pytest.fixture()
-def bundled(tmp_path, monkeypatch):
-    """Trained-looking nano weights exported as the package's bundled file (in a temp folder)."""
-    torch.manual_seed(0)
-    weights = tmp_path / "run" / "weights.pt"
-    weights.parent.mkdir()
-    model = build_model(NANO)
-    torch.save(model.state_dict(), weights)
-    target = tmp_path / "bundled" / "nano.pt"
-    monkeypatch.setattr(ckpt, "bundled_path", lambda name: target)
-    path, digest = ckpt.export_bundled(weights)
-    monkeypatch.setitem(ckpt.BUNDLED, NANO.name, (path.name, digest))
-    return model, path, digest
-
-
-def test_bundled_weights_load_and_match_their_sum(bundled):
-    model, path, digest = bundled
+def test_bundled_weights_load_and_match_their_sum(bundled_nano):
+    model, path, digest = bundled_nano
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert path.stat().st_size < 3 * 2**20  # float16: 1.25 M parameters in ~2.5 MB
     loaded = load_model(NANO.name)  # no checkpoint given: the bundled file
@@ -39,8 +24,8 @@ def test_bundled_weights_load_and_match_their_sum(bundled):
     assert ckpt.model_for_checkpoint(path) == NANO.name
 
 
-def test_damaged_or_missing_bundled_file_is_refused(bundled, monkeypatch, tmp_path):
-    _, path, _ = bundled
+def test_damaged_or_missing_bundled_file_is_refused(bundled_nano, monkeypatch, tmp_path):
+    _, path, _ = bundled_nano
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -95,3 +80,4 @@ def test_click_and_propagate_clicks_the_middle_of_each_object():
     for s in scores:
         assert 0.0 <= s.dice_3d <= 1.0
         assert sum(len(v) for v in s.per_slice.values()) == (5 if s.obj_id == 1 else 4)
+
