@@ -48,8 +48,8 @@ VAL_SEEDS = range(5000, 5012)
 STAGE_1 = TrainConfig(
     model=NANO.name, init="scratch", clip_length=2, clips_per_step=4, objects_per_clip=8,
     prob_tracked_correction=0.0, max_corrections=1, prob_box=0.2, prob_mask=0.0,
-    epochs=1, steps_per_epoch=20000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.3, min_area=6, seed=0,
-)
+    epochs=20, steps_per_epoch=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.3, min_area=6, seed=0,
+)  # (20 x 1000 steps: the same schedule as one epoch of 20000, saved every 1000 steps)
 STAGE_1_STEPS = 18000  # the schedule spans 20000 steps; the run stops here
 
 STAGE_2 = TrainConfig(
@@ -82,7 +82,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/nano", type=Path)
     ap.add_argument("--stage", type=int, choices=(1, 2, 3, 4))
-    ap.add_argument("--resume", action="store_true", help="continue stage 2, 3 or 4")
+    ap.add_argument("--resume", action="store_true", help="continue the stage from its last checkpoint")
+    ap.add_argument("--drop-pointers", type=float, default=0.0, metavar="P",
+                    help="share of clips tracked without object pointers, in every stage (the documented runs: 0)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--export", action="store_true", help=f"write OUT/{FINAL}/weights.pt into the package")
     args = ap.parse_args()
@@ -98,7 +100,10 @@ def main() -> None:
     if args.stage == 1:
         stacks = make_stacks(TRAIN_SEEDS_1, size)
         print(f"generated {len(stacks)} stacks in {time.perf_counter() - t:.0f} s")
-        trainer = Trainer(STAGE_1.replace(device=args.device), stacks, [], args.out / "stage1")
+        cfg = STAGE_1.replace(device=args.device, prob_drop_pointers=args.drop_pointers)
+        trainer = Trainer(cfg, stacks, [], args.out / "stage1")
+        if args.resume:
+            trainer.resume()
         for ev in trainer.run(should_stop=lambda: trainer.step >= STAGE_1_STEPS):
             if ev.kind == "step" and ev.step % 200 == 0:
                 print(f"step {ev.step}  loss {ev.loss:.4f}  {ev.clips_per_s:.2f} clips/s", flush=True)
@@ -109,7 +114,8 @@ def main() -> None:
         previous, cfg, seeds, stop_at = STAGES[args.stage]
         tr, va = make_stacks(seeds, size), make_stacks(VAL_SEEDS, size)
         print(f"generated {len(tr)} training and {len(va)} validation stacks in {time.perf_counter() - t:.0f} s")
-        cfg = cfg.replace(init=str(args.out / previous / "weights.pt"), device=args.device)
+        cfg = cfg.replace(init=str(args.out / previous / "weights.pt"), device=args.device,
+                          prob_drop_pointers=max(cfg.prob_drop_pointers, args.drop_pointers))
         out = args.out / f"stage{args.stage}"
         if stop_at is None:
             train(cfg, tr, out, val_stacks=va, resume=args.resume)
