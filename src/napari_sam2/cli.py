@@ -96,9 +96,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if args.command == "models":
-            for name, cfg in MODELS.items():
-                from .model.checkpoint import BUNDLED
+            from .model.checkpoint import BUNDLED
 
+            for name, cfg in MODELS.items():
                 url = CHECKPOINTS.get(name)
                 where = url.url if url else "(bundled with the package)" if name in BUNDLED else "(bring your own checkpoint file)"
                 print(f"{name:26s} SAM {cfg.version}  {cfg.image_size:4d}px  {where}")
@@ -135,9 +135,9 @@ def _gui(args) -> int:
 def open_gui(image: Optional[Path] = None, *, model: Optional[str] = None, checkpoint: Optional[Path] = None, viewer=None):
     """A viewer with ``image`` (default: the generated 3D nuclei) and the docked widget: (viewer, widget).
 
-    With a bundled model (the default) the session starts at once, so the
-    viewer opens ready for a click; other models start on "Start session"
-    (their first use downloads the checkpoint).
+    With a model whose weights ship with the package the session starts at
+    once, so the viewer opens ready for a click; other models start on "Start
+    session" (their first use downloads the checkpoint).
     """
     import napari
 
