@@ -67,6 +67,7 @@ STAGE_4 = STAGE_2.replace(
 )
 # stage -> (the stage whose weights it starts from, config, training seeds, step to stop at)
 STAGES = {
+    1: (None, STAGE_1, TRAIN_SEEDS_1, STAGE_1_STEPS),
     2: ("stage1", STAGE_2, TRAIN_SEEDS_2, None),
     3: ("stage2", STAGE_3, TRAIN_SEEDS_3, STAGE_3_STEPS),
     4: ("stage3", STAGE_4, TRAIN_SEEDS_3, None),
@@ -96,41 +97,31 @@ def main() -> None:
         path, digest = export_bundled(args.out / FINAL / "weights.pt")
         print(f"wrote {path}\nsha256 {digest}\n(record this sum in BUNDLED in model/checkpoint.py)")
         return
+    if args.stage is None:
+        ap.error("give --stage 1, 2, 3 or 4, or --export")
+    previous, cfg, seeds, stop_at = STAGES[args.stage]
     t = time.perf_counter()
-    if args.stage == 1:
-        stacks = make_stacks(TRAIN_SEEDS_1, size)
-        print(f"generated {len(stacks)} stacks in {time.perf_counter() - t:.0f} s")
-        cfg = STAGE_1.replace(device=args.device, prob_drop_pointers=args.drop_pointers)
-        trainer = Trainer(cfg, stacks, [], args.out / "stage1")
-        if args.resume:
-            trainer.resume()
-        for ev in trainer.run(should_stop=lambda: trainer.step >= STAGE_1_STEPS):
-            if ev.kind == "step" and ev.step % 200 == 0:
-                print(f"step {ev.step}  loss {ev.loss:.4f}  {ev.clips_per_s:.2f} clips/s", flush=True)
-        trainer.save()
-        print(f"stage 1 done at step {trainer.step}: {args.out / 'stage1' / 'weights.pt'}")
+    tr = make_stacks(seeds, size)
+    va = make_stacks(VAL_SEEDS, size) if previous else []  # stage 1 does not validate
+    print(f"generated {len(tr)} training and {len(va)} validation stacks in {time.perf_counter() - t:.0f} s")
+    cfg = cfg.replace(device=args.device, prob_drop_pointers=max(cfg.prob_drop_pointers, args.drop_pointers))
+    if previous:
+        cfg = cfg.replace(init=str(args.out / previous / "weights.pt"))
+    out = args.out / f"stage{args.stage}"
+    if stop_at is None:
+        train(cfg, tr, out, val_stacks=va, resume=args.resume)
         return
-    if args.stage in STAGES:
-        previous, cfg, seeds, stop_at = STAGES[args.stage]
-        tr, va = make_stacks(seeds, size), make_stacks(VAL_SEEDS, size)
-        print(f"generated {len(tr)} training and {len(va)} validation stacks in {time.perf_counter() - t:.0f} s")
-        cfg = cfg.replace(init=str(args.out / previous / "weights.pt"), device=args.device,
-                          prob_drop_pointers=max(cfg.prob_drop_pointers, args.drop_pointers))
-        out = args.out / f"stage{args.stage}"
-        if stop_at is None:
-            train(cfg, tr, out, val_stacks=va, resume=args.resume)
-            return
-        trainer = Trainer(cfg, tr, va, out)
-        if args.resume:
-            trainer.resume()
-        for ev in trainer.run(should_stop=lambda: trainer.step >= stop_at):
-            line = format_event(ev)
-            if line:
-                print(line, flush=True)
-        trainer.save()
-        print(f"stage {args.stage} done at step {trainer.step}: {out / 'weights.pt'}")
-        return
-    ap.error("give --stage 1, 2, 3 or 4, or --export")
+    trainer = Trainer(cfg, tr, va, out)
+    if args.resume:
+        trainer.resume()
+    for ev in trainer.run(should_stop=lambda: trainer.step >= stop_at):
+        line = format_event(ev)
+        if ev.kind == "step" and ev.step % 200 == 0:
+            line = f"step {ev.step}  loss {ev.loss:.4f}  {ev.clips_per_s:.2f} clips/s"
+        if line:
+            print(line, flush=True)
+    trainer.save()
+    print(f"stage {args.stage} done at step {trainer.step}: {out / 'weights.pt'}")
 
 
 if __name__ == "__main__":

@@ -80,4 +80,3 @@ def test_click_and_propagate_clicks_the_middle_of_each_object():
     for s in scores:
         assert 0.0 <= s.dice_3d <= 1.0
         assert sum(len(v) for v in s.per_slice.values()) == (5 if s.obj_id == 1 else 4)
-

@@ -287,7 +287,7 @@ def test_keyboard_shortcuts_are_bound(make_napari_viewer, qtbot, model, errors):
 
     keys[KeyBinding.from_str("T")](widget._points)
     assert widget._positive is False
-    assert widget._points.feature_defaults["positive"].iloc[0] == False
+    assert widget._points.feature_defaults["positive"].iloc[0] == False  # noqa: E712 (a numpy bool)
 
 
 def test_writes_into_an_existing_labels_layer(make_napari_viewer, qtbot, model, errors):
@@ -312,7 +312,6 @@ def test_writes_into_an_existing_labels_layer(make_napari_viewer, qtbot, model, 
     assert len([lay for lay in viewer.layers if lay.__class__.__name__ == "Labels"]) == 1
 
 
-
 def test_gui_starts_a_bundled_model_at_once(make_napari_viewer, qtbot, errors, bundled_nano):
     """`napari-sam2 gui` with a model that ships with the package: sample nuclei, the
     widget, the session started without pressing Start; a click segments."""
@@ -323,8 +322,9 @@ def test_gui_starts_a_bundled_model_at_once(make_napari_viewer, qtbot, errors, b
     qtbot.waitUntil(lambda: not widget.is_busy and widget._segmenter is not None, timeout=TIMEOUT)
     model, layer = widget._model, widget._image_layer
     assert model.config.name == NANO.name and layer.data.shape == (32, 192, 192)
+    loaded = model.state_dict()
     for k, v in bundled_nano[0].state_dict().items():  # the bundled (float16) file was loaded
-        assert torch.equal(model.state_dict()[k], v.half().float()), k
+        assert torch.equal(loaded[k], v.half().float()), k
     with torch.no_grad():  # random weights: make the object score say "present"
         model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
     click(viewer, widget, 16, 96, 90)
@@ -339,7 +339,7 @@ def test_gui_leaves_a_downloadable_model_to_start(make_napari_viewer, qtbot, err
     """A model that must be downloaded is not fetched on opening: Start does that."""
     from napari_sam2.cli import open_gui
 
-    viewer, widget = open_gui(model="sam2.1_hiera_small", viewer=make_napari_viewer())
+    _, widget = open_gui(model="sam2.1_hiera_small", viewer=make_napari_viewer())
     qtbot.wait(50)
     assert widget._model_combo.value == "sam2.1_hiera_small"
     assert not widget.is_busy and widget._segmenter is None and widget._model is None

@@ -100,7 +100,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             for name, cfg in MODELS.items():
                 url = CHECKPOINTS.get(name)
-                where = url.url if url else "(bundled with the package)" if name in BUNDLED else "(bring your own checkpoint file)"
+                if url:
+                    where = url.url
+                else:
+                    where = "(bundled with the package)" if name in BUNDLED else "(bring your own checkpoint file)"
                 print(f"{name:26s} SAM {cfg.version}  {cfg.image_size:4d}px  {where}")
             return 0
         if args.command == "gui":
@@ -132,7 +135,9 @@ def _gui(args) -> int:
     return 0
 
 
-def open_gui(image: Optional[Path] = None, *, model: Optional[str] = None, checkpoint: Optional[Path] = None, viewer=None):
+def open_gui(
+    image: Optional[Path] = None, *, model: Optional[str] = None, checkpoint: Optional[Path] = None, viewer=None
+):
     """A viewer with ``image`` (default: the generated 3D nuclei) and the docked widget: (viewer, widget).
 
     With a model whose weights ship with the package the session starts at

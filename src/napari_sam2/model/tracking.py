@@ -133,9 +133,9 @@ def memory_conditioned_features(
         mems.append(m.flatten(2).transpose(1, 2).expand(b, -1, -1))  # B hw mem_dim
         tpos = model.maskmem_tpos_enc[model.num_maskmem - t_pos - 1].view(1, 1, -1)
         mem_pos.append((maskmem_pos + tpos).expand(b, -1, -1))
-    pos, ptrs, max_ptrs = select_pointers(model, frame_idx, cond, non_cond, reverse, num_frames)
-    if not use_pointers:
-        ptrs = []
+    pos, ptrs, max_ptrs = (
+        select_pointers(model, frame_idx, cond, non_cond, reverse, num_frames) if use_pointers else ([], [], 0)
+    )
     num_ptr_tokens = 0
     if ptrs:
         cfg = model.config

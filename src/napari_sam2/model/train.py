@@ -24,11 +24,11 @@ A run is deterministic for a given seed (on the same machine and thread count).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
