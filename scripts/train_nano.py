@@ -65,12 +65,22 @@ STAGE_3_STEPS = 800  # the schedule spans 10400 steps; the run stops here
 STAGE_4 = STAGE_2.replace(
     epochs=24, steps_per_epoch=400, warmup_steps=100, lr=3e-4, min_lr_ratio=0.05, seed=3, prob_drop_pointers=0.5,
 )
+# The memory path that tracks: stage 2's segmenter with its image embedding scaled down to
+# a mean token norm of 4 (it had grown to ~265, drowning the memory attention's position
+# encoding) and frozen, a new memory path whose cross-attention starts local and whose
+# memories come from the mask alone, trained without object pointers.
+STAGE_5 = STAGE_2.replace(
+    epochs=6, steps_per_epoch=200, warmup_steps=50, lr=3e-4, min_lr_ratio=0.05, seed=2,
+    reinit=("memory_attention", "memory_encoder", "maskmem_tpos_enc"), prob_drop_pointers=1.0,
+    freeze=("image_encoder",), mask_only_memory=True, local_memory_init=3.5, embed_norm=4.0,
+)
 # stage -> (the stage whose weights it starts from, config, training seeds, step to stop at)
 STAGES = {
     1: (None, STAGE_1, TRAIN_SEEDS_1, STAGE_1_STEPS),
     2: ("stage1", STAGE_2, TRAIN_SEEDS_2, None),
     3: ("stage2", STAGE_3, TRAIN_SEEDS_3, STAGE_3_STEPS),
     4: ("stage3", STAGE_4, TRAIN_SEEDS_3, None),
+    5: ("stage2", STAGE_5, TRAIN_SEEDS_2, None),
 }
 FINAL = "stage4"
 
@@ -82,7 +92,7 @@ def make_stacks(seeds, size):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/nano", type=Path)
-    ap.add_argument("--stage", type=int, choices=(1, 2, 3, 4))
+    ap.add_argument("--stage", type=int, choices=tuple(STAGES))
     ap.add_argument("--resume", action="store_true", help="continue the stage from its last checkpoint")
     ap.add_argument("--drop-pointers", type=float, default=0.0, metavar="P",
                     help="share of clips tracked without object pointers, in every stage (the documented runs: 0)")
@@ -98,7 +108,7 @@ def main() -> None:
         print(f"wrote {path}\nsha256 {digest}\n(record this sum in BUNDLED in model/checkpoint.py)")
         return
     if args.stage is None:
-        ap.error("give --stage 1, 2, 3 or 4, or --export")
+        ap.error(f"give --stage {min(STAGES)}..{max(STAGES)}, or --export")
     previous, cfg, seeds, stop_at = STAGES[args.stage]
     t = time.perf_counter()
     tr = make_stacks(seeds, size)

@@ -8,6 +8,7 @@ import torch
 
 from napari_sam2.model.config import NANO
 from napari_sam2.model.preprocess import InputError
+from napari_sam2.model.sam2 import FrameFeatures
 from napari_sam2.model.train import (
     AnnotatedStack,
     TrainConfig,
@@ -204,6 +205,55 @@ def test_reinit_replaces_only_the_named_parts(tmp_path):
     assert not torch.equal(fresh["sam_mask_decoder.iou_token.weight"], old["sam_mask_decoder.iou_token.weight"])
     with pytest.raises(TrainingError, match="no parameter name starts with"):
         make_model(cfg.replace(reinit=("memory_atention",)))
+
+
+def test_adapt_model_rescales_freezes_and_localises(tmp_path):
+    """The start-of-run changes of the nano recipe's stage 5, each checked from outside:
+    the embedding norm measured afresh, weights compared before and after a step, the
+    memory compared across two images, the attention's argmax against the query's place."""
+    from napari_sam2.model.common import apply_rope
+    from napari_sam2.model.tracking import encode_memory
+
+    cfg, tr, va = _small_run(tmp_path, init="scratch", freeze=("image_encoder",), mask_only_memory=True,
+                             local_memory_init=3.5, embed_norm=4.0)
+    trainer = Trainer(cfg, tr, va, tmp_path / "run")
+    model = trainer.model
+    frames = torch.stack([s.frames[len(s) // 2] for s in tr]).float().expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        emb = model.frame_features(model.normalize(frames)).image_embed
+    assert emb.norm(dim=1).mean().item() == pytest.approx(4.0, rel=1e-4)
+
+    # the memory is the same whatever the image under the mask
+    with torch.no_grad():
+        feats = model.frame_features(model.normalize(torch.rand(2, 3, SIZE, SIZE)))
+        mask = torch.zeros(1, 1, SIZE, SIZE)
+        mask[..., 30:60, 40:70] = 5.0
+        one = [FrameFeatures(feats.image_embed[i:i + 1], [h[i:i + 1] for h in feats.high_res], feats.pos[i:i + 1])
+               for i in range(2)]
+        m0, m1 = (encode_memory(model, f, mask, torch.ones(1, 1), from_clicks=True) for f in one)
+    torch.testing.assert_close(m0, m1)
+    assert not torch.equal(m0, encode_memory(model, one[0], -mask, torch.ones(1, 1), from_clicks=True))
+
+    # with zero weights the cross-attention of each place peaks on the memory token of that place
+    att = model.memory_attention.layers[0].cross_attn_image
+    q = att.q_proj.bias.detach().expand(64, -1)[None, None]  # 1 head, 8 x 8 queries
+    k = att.k_proj.bias.detach().expand(64, -1)[None, None]
+    cos, sin = att._rope(64, q.device)
+    logits = apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).transpose(-1, -2)
+    assert torch.equal(logits[0, 0].argmax(-1), torch.arange(64))
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train_step()
+    after = dict(model.named_parameters())
+    for n, p in after.items():
+        unchanged = torch.equal(before[n], p.detach())
+        if n.startswith(("image_encoder", "memory_encoder.pix_feat_proj")):
+            assert unchanged, n
+    assert not torch.equal(before["memory_attention.layers.0.cross_attn_image.q_proj.bias"],
+                           after["memory_attention.layers.0.cross_attn_image.q_proj.bias"].detach())
+    assert torch.count_nonzero(after["memory_encoder.pix_feat_proj.weight"]) == 0
+    with pytest.raises(TrainingError, match="freeze: no parameter"):
+        Trainer(cfg.replace(freeze=("image_encodr",)), tr, va, tmp_path / "bad")
 
 
 def test_training_learns_on_a_fixed_seed(tmp_path):

@@ -101,6 +101,20 @@ class TrainConfig:
     # share of training clips tracked without object pointers, so that the memory
     # attention keeps using the spatial memories (see docs/training.md)
     prob_drop_pointers: float = 0.0
+    # parameter-name prefixes kept fixed during the run (e.g. "image_encoder" while a
+    # re-initialised memory path learns)
+    freeze: Tuple[str, ...] = ()
+    # memories made from the mask alone: the memory encoder's image projection is set to
+    # zero and frozen, so that the memory says where the object was and nothing else
+    mask_only_memory: bool = False
+    # start the memory cross-attention local: equal query and key biases of this size on
+    # the fastest rotary frequencies, so that a slice's token looks at the memory tokens
+    # of the same place (0: leave the attention as loaded)
+    local_memory_init: float = 0.0
+    # rescale the image embedding (the neck's two coarsest levels) to this mean token norm
+    # at the start of the run (0: leave it): a backbone trained from scratch lets it grow
+    # without bound, which drowns the position encoding of the memory attention's queries
+    embed_norm: float = 0.0
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -541,6 +555,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(cfg.device)
         self.model = (model if model is not None else make_model(cfg)).to(self.device)
+        adapt_model(self.model, cfg, self.train_stacks)
         size = self.model.image_size
         for s in self.train_stacks + self.val_stacks:
             if s.frames.shape[-1] != size or s.labels.shape[-1] != size:
@@ -742,6 +757,49 @@ def reinitialise(model: SAM2Model, prefixes: Sequence[str], seed: int) -> SAM2Mo
     fresh = build_model(model.config).state_dict()
     state.update({k: fresh[k].to(state[k].device, state[k].dtype) for k in chosen})
     model.load_state_dict(state)
+    return model
+
+
+def adapt_model(model: SAM2Model, cfg: TrainConfig, stacks: Sequence[AnnotatedStack] = ()) -> SAM2Model:
+    """Apply the run's start-of-training changes: ``embed_norm``, ``local_memory_init``,
+    ``mask_only_memory`` and ``freeze`` (see :class:`TrainConfig`)."""
+    if cfg.embed_norm > 0:
+        if not stacks:
+            raise TrainingError("embed_norm needs training stacks to measure the embedding on")
+        frames = torch.stack([s.frames[len(s) // 2] for s in list(stacks)[:8]]).float().to(model.device)
+        if frames.shape[1] == 1:
+            frames = frames.expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            norm = float(model.frame_features(model.normalize(frames)).image_embed.norm(dim=1).mean())
+            scale = cfg.embed_norm / max(norm, 1e-12)
+            # the coarsest level is the sum of the two coarsest lateral convolutions (top-down)
+            for conv in list(model.image_encoder.neck.convs)[:2]:
+                for prm in conv.parameters():
+                    prm.mul_(scale)
+            model.no_mem_embed.mul_(scale)
+    if cfg.local_memory_init > 0:
+        for layer in model.memory_attention.layers:
+            att = layer.cross_attn_image
+            head_dim = att.internal_dim // att.num_heads
+            bias = torch.zeros(att.num_heads, head_dim // 2, 2)
+            fast = min(8, head_dim // 4)  # rotary pairs: x frequencies first, then y, fastest first
+            bias[:, :fast, 0] = cfg.local_memory_init
+            bias[:, head_dim // 4: head_dim // 4 + fast, 0] = cfg.local_memory_init
+            with torch.no_grad():
+                att.q_proj.bias.copy_(bias.flatten())
+                att.k_proj.bias.copy_(bias.flatten())
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in cfg.freeze:
+        if not any(n.startswith(prefix) for n in names):
+            raise TrainingError(f"freeze: no parameter name starts with {prefix!r}")
+    for name, prm in model.named_parameters():
+        if name.startswith(tuple(cfg.freeze)):
+            prm.requires_grad_(False)
+    if cfg.mask_only_memory:
+        for prm in model.memory_encoder.pix_feat_proj.parameters():
+            with torch.no_grad():
+                prm.zero_()
+            prm.requires_grad_(False)
     return model
 
 
