@@ -74,6 +74,12 @@ STAGE_5 = STAGE_2.replace(
     reinit=("memory_attention", "memory_encoder", "maskmem_tpos_enc"), prob_drop_pointers=1.0,
     freeze=("image_encoder",), mask_only_memory=True, local_memory_init=3.5, embed_norm=4.0,
 )
+# Everything trained together from stage 5 (memories still from the mask alone), half of
+# the clips with object pointers so that inference, which uses them, is trained too.
+STAGE_6 = STAGE_2.replace(
+    epochs=20, steps_per_epoch=200, warmup_steps=50, lr=3e-4, min_lr_ratio=0.05, seed=4,
+    prob_drop_pointers=0.5, mask_only_memory=True,
+)
 # stage -> (the stage whose weights it starts from, config, training seeds, step to stop at)
 STAGES = {
     1: (None, STAGE_1, TRAIN_SEEDS_1, STAGE_1_STEPS),
@@ -81,6 +87,7 @@ STAGES = {
     3: ("stage2", STAGE_3, TRAIN_SEEDS_3, STAGE_3_STEPS),
     4: ("stage3", STAGE_4, TRAIN_SEEDS_3, None),
     5: ("stage2", STAGE_5, TRAIN_SEEDS_2, None),
+    6: ("stage5", STAGE_6, TRAIN_SEEDS_3, None),
 }
 FINAL = "stage4"
 
