@@ -62,3 +62,34 @@ def test_cli_gui_parser():
     assert args.command == "gui" and args.model == "sam2.1_hiera_small"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["segment"])
+
+
+def test_touching_nuclei_are_dimmer_where_they_meet():
+    """The seam: contact voxels (a face neighbour in another nucleus) are found exactly,
+    they are dimmer with a seam, and nothing else changes."""
+    from napari_sam2.sample_data import _contacts, nuclei_3d
+
+    lab = np.zeros((1, 3, 7), int)
+    lab[0, 1, 0:3] = 1
+    lab[0, 1, 3:5] = 2
+    lab[0, 0, 1] = 1
+    lab[0, 2, 4] = 3
+    expected = np.zeros_like(lab, bool)
+    expected[0, 1, 2] = expected[0, 1, 3] = True  # 1 | 2 along x
+    expected[0, 1, 4] = expected[0, 2, 4] = True  # 2 over 3 along y
+    np.testing.assert_array_equal(_contacts(lab), expected)
+
+    flat = dict(brightness=(1.0, 1.0), texture=0.0, noise=0.0, background=0.0, seed=3)
+    img0, lab0 = nuclei_3d(seam=0.0, **flat)
+    img1, lab1 = nuclei_3d(seam=0.5, **flat)
+    np.testing.assert_array_equal(lab0, lab1)
+    contact = _contacts(lab1)
+    assert contact.any() and not contact[lab1 == 0].any()
+    assert img1[contact].mean() < 0.85 * img0[contact].mean()
+    inner = (lab1 > 0) & ~contact
+    from scipy import ndimage
+
+    # beyond the reach of the optics blur (4 sigma = 5 slices), the two images are the same
+    far = inner & ~ndimage.binary_dilation(contact, iterations=6)
+    assert far.sum() > 1000
+    np.testing.assert_allclose(img1[far].astype(int), img0[far].astype(int), atol=1)
