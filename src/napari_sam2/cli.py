@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--point", type=_parse_xy, action="append", default=[], help="positive click X,Y (repeatable)")
     s.add_argument("--negative", type=_parse_xy, action="append", default=[], help="negative click X,Y (repeatable)")
     s.add_argument("--box", type=_parse_box, help="box X0,Y0,X1,Y1")
-    s.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL}, bundled)")
+    s.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
     s.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: bundled, or download the official one)")
     s.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
     s.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pair", nargs=2, action="append", default=[], type=Path, metavar=("IMAGE", "LABELS"))
     e.add_argument("--synthetic-seeds", type=int, nargs="*", default=[], metavar="SEED",
                    help="generated nuclei stacks with these seeds (training used 1000..1095, 5000..5011)")
-    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
     e.add_argument("--checkpoint", type=Path, help="weights file (default: the model's own)")
     e.add_argument("--device", default="auto")
     e.add_argument("--fast", action="store_true")
@@ -135,6 +135,13 @@ def _gui(args) -> int:
     return 0
 
 
+def _model_name(args) -> Optional[str]:
+    """--model if given; else None (the architecture the --checkpoint file holds) or the default model."""
+    if args.model:
+        return args.model
+    return None if args.checkpoint else DEFAULT_MODEL
+
+
 def open_gui(
     image: Optional[Path] = None, *, model: Optional[str] = None, checkpoint: Optional[Path] = None, viewer=None
 ):
@@ -183,7 +190,7 @@ def _segment(args) -> int:
     image = read_image(args.image)
     points = args.point + args.negative
     labels = [1] * len(args.point) + [0] * len(args.negative)
-    model = load_model(args.model, args.checkpoint, device=pick_device(args.device))
+    model = load_model(_model_name(args), args.checkpoint, device=pick_device(args.device))
     predictor = ImagePredictor(model, fast=args.fast)
     predictor.set_image(image, intensity_range=args.range)
     result = predictor.predict(
@@ -236,7 +243,7 @@ def _evaluate(args) -> int:
     from .model.evaluate import click_and_propagate, slice_table
     from .sample_data import nuclei_3d
 
-    model = load_model(args.model, args.checkpoint, device=pick_device(args.device))
+    model = load_model(_model_name(args), args.checkpoint, device=pick_device(args.device))
     data = [(f"{p[0].name}", read_image(p[0]), read_image(p[1])) for p in args.pair]
     data += [(f"nuclei seed {s}", *nuclei_3d(seed=s)) for s in args.synthetic_seeds]
     if not data:
