@@ -62,14 +62,19 @@ CHECKPOINTS: Dict[str, CheckpointInfo] = {
 
 
 # Weights that ship inside the package: registry name -> (file in napari_sam2/weights, SHA-256).
-# Empty for now: the nano model's from-scratch training has not converged on a CPU
-# (docs/training.md). export_bundled() writes the file and returns the sum to record here.
-BUNDLED: Dict[str, Tuple[str, str]] = {}
+# The nano model: a demo trained from scratch on generated stacks by scripts/train_nano.py
+# (docs/training.md), not a substitute for SAM 2.1. export_bundled() writes the file and
+# returns the sum to record here.
+BUNDLED: Dict[str, Tuple[str, str]] = {
+    "sam2.1_nano_synthetic": ("sam2.1_nano_synthetic.pt", "a112f44d9fe9a52246cc11653a630f26641e7a34b40f6ba0c570261d63ab358b"),
+}
 
 
 def bundled_path(name: str) -> Path:
-    """Where the package keeps the weights of bundled model ``name``."""
-    return Path(__file__).resolve().parent.parent / "weights" / BUNDLED[name][0]
+    """Where the package keeps the weights of bundled model ``name`` (``name``.pt for a
+    model not yet in :data:`BUNDLED`, i.e. when exporting it the first time)."""
+    file = BUNDLED[name][0] if name in BUNDLED else f"{name}.pt"
+    return Path(__file__).resolve().parent.parent / "weights" / file
 
 
 def export_bundled(weights: Union[str, Path], name: str = "sam2.1_nano_synthetic") -> Tuple[Path, str]:

@@ -175,8 +175,10 @@ NANO = register(
 )
 
 
-# what the widget and the command line use unless told otherwise
-DEFAULT_MODEL = "sam2.1_hiera_tiny"
+# what the widget and the command line use unless told otherwise: the bundled nano model,
+# which works offline at once (a demo trained on generated data; choose an official
+# SAM 2.1 model for real work)
+DEFAULT_MODEL = NANO.name
 
 
 def get_config(name: str) -> SAM2Config:

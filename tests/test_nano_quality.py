@@ -1,0 +1,46 @@
+"""End-to-end quality of the bundled nano model, as a user works: one click in the middle
+of each nucleus of a generated stack that training never saw, propagated both ways, scored
+against the generator's labels (docs/benchmarks.md has the figures these floors guard)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sam2.model import load_model
+from napari_sam2.model import tracking
+from napari_sam2.model.config import NANO
+from napari_sam2.model.evaluate import click_and_propagate
+from napari_sam2.sample_data import nuclei_3d
+
+# regression floors, a little under what docs/benchmarks.md records for the shipped weights
+# (the goal of issue 5, 0.85, is not reached yet)
+FLOOR_ONE_STACK = 0.74  # measured 0.771 (seed 9000)
+FLOOR_FIVE_STACKS = 0.75  # measured 0.776 (seeds 9000-9004)
+
+
+def _mean_dice(seeds) -> float:
+    model = load_model(NANO.name)  # the bundled file, checked against its SHA-256 sum
+    scores = []
+    for seed in seeds:
+        image, labels = nuclei_3d(seed=seed)
+        scores += click_and_propagate(model, image, labels)
+    return float(np.mean([s.dice_3d for s in scores]))
+
+
+def test_bundled_nano_follows_unseen_nuclei():
+    assert _mean_dice([9000]) >= FLOOR_ONE_STACK
+
+
+def test_tracking_comes_from_the_spatial_memories(monkeypatch):
+    """Without its spatial memories the model must do clearly worse: the memory path is
+    what follows the nucleus, not the click's slice alone or the object pointers."""
+    with_memories = _mean_dice([9000])
+    monkeypatch.setattr(tracking, "select_memories", lambda *args: [])
+    without = _mean_dice([9000])
+    assert with_memories - without >= 0.1, (with_memories, without)
+
+
+@pytest.mark.slow
+def test_bundled_nano_on_five_unseen_stacks():
+    assert _mean_dice(range(9000, 9005)) >= FLOOR_FIVE_STACKS
