@@ -2,9 +2,9 @@
 
     xvfb-run -s "-screen 0 1920x1080x24" .venv/bin/python scripts/make_screenshots.py [--checkpoint FILE]
 
-Without --checkpoint the model has random weights (official checkpoints cannot
-be downloaded where the docs are built), so the masks' shapes are meaningless;
-the widget, layers and workflow are real.
+Without --checkpoint the widget uses the bundled nano model (the default; official
+checkpoints cannot be downloaded where the docs are built), so the masks are the
+nano model's real output on the sample data.
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     import napari
-    import torch
     from qtpy.QtWidgets import QApplication
 
-    from napari_sam2.model import build_model, get_config, load_model
+    from napari_sam2.model import load_model
     from napari_sam2.sample_data import make_nuclei_3d
     from napari_sam2.widgets.sam2_widget import SAM2Widget
 
@@ -54,12 +53,7 @@ def main() -> None:
     viewer.window.add_dock_widget(widget, name="SAM 2", area="right")
     app = QApplication.instance()
     if args.checkpoint:
-        widget._model = load_model("sam2.1_hiera_tiny", args.checkpoint)
-    else:
-        torch.manual_seed(0)
-        m = build_model(get_config("sam2.1_hiera_tiny").with_image_size(512))
-        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.data.fill_(8.0)
-        widget._model = m
+        widget._model = load_model(None, args.checkpoint)  # the architecture the file holds
     widget._image_combo.value = layer
     widget.start()
     wait_idle(app, widget)
@@ -67,7 +61,7 @@ def main() -> None:
     pump(app, 1.0)
     viewer.screenshot(str(out / "01-session-started.png"), canvas_only=False)
 
-    widget._points.add(np.array([[16, 100, 60]], float))  # a click on a nucleus
+    widget._points.add(np.array([[16, 71, 79]], float))  # a click in the middle of a nucleus (z, y, x)
     wait_idle(app, widget)
     pump(app, 0.5)
     viewer.screenshot(str(out / "02-first-click.png"), canvas_only=False)
