@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sam2.model import load_model
-from napari_sam2.model import tracking
+from napari_sam2.model import load_model, tracking
 from napari_sam2.model.config import NANO
 from napari_sam2.model.evaluate import click_and_propagate
 from napari_sam2.sample_data import nuclei_3d

@@ -66,7 +66,10 @@ CHECKPOINTS: Dict[str, CheckpointInfo] = {
 # (docs/training.md), not a substitute for SAM 2.1. export_bundled() writes the file and
 # returns the sum to record here.
 BUNDLED: Dict[str, Tuple[str, str]] = {
-    "sam2.1_nano_synthetic": ("sam2.1_nano_synthetic.pt", "a112f44d9fe9a52246cc11653a630f26641e7a34b40f6ba0c570261d63ab358b"),
+    "sam2.1_nano_synthetic": (
+        "sam2.1_nano_synthetic.pt",
+        "a112f44d9fe9a52246cc11653a630f26641e7a34b40f6ba0c570261d63ab358b",
+    ),
 }
 
 

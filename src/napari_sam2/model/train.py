@@ -766,9 +766,9 @@ def adapt_model(model: SAM2Model, cfg: TrainConfig, stacks: Sequence[AnnotatedSt
     if cfg.embed_norm > 0:
         if not stacks:
             raise TrainingError("embed_norm needs training stacks to measure the embedding on")
-        frames = torch.stack([s.frames[len(s) // 2] for s in list(stacks)[:8]]).float().to(model.device)
-        if frames.shape[1] == 1:
-            frames = frames.expand(-1, 3, -1, -1)
+        # middle slices of up to 8 stacks, grey ones repeated to 3 channels
+        frames = torch.stack([s.frames[len(s) // 2].float().expand(3, -1, -1) for s in list(stacks)[:8]])
+        frames = frames.to(model.device)
         with torch.no_grad():
             norm = float(model.frame_features(model.normalize(frames)).image_embed.norm(dim=1).mean())
             scale = cfg.embed_norm / max(norm, 1e-12)
