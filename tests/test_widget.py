@@ -344,3 +344,25 @@ def test_gui_leaves_a_downloadable_model_to_start(make_napari_viewer, qtbot, err
     assert widget._model_combo.value == "sam2.1_hiera_small"
     assert not widget.is_busy and widget._segmenter is None and widget._model is None
     assert errors == []
+
+
+def test_readme_gui_opens_ready_for_a_click_with_the_shipped_model(make_napari_viewer, qtbot, errors):
+    """The README's first command, `napari-sam2 gui` with no arguments: the shipped nano
+    weights start at once, and one click in the middle of a sample nucleus segments that
+    nucleus (checked against the generator's labels, not against the engine)."""
+    from napari_sam2.cli import open_gui
+    from napari_sam2.model.config import NANO
+    from napari_sam2.model.evaluate import central_pixel, dice
+    from napari_sam2.sample_data import nuclei_3d
+
+    viewer, widget = open_gui(viewer=make_napari_viewer())
+    qtbot.waitUntil(lambda: not widget.is_busy and widget._segmenter is not None, timeout=TIMEOUT)
+    assert widget._model.config.name == NANO.name
+    _, labels = nuclei_3d()  # the sample data the viewer opened
+    target = labels[16] == 7  # a nucleus in the middle of the stack
+    x, y = central_pixel(target)
+    click(viewer, widget, 16, y, x)
+    wait(qtbot, widget)
+    got = widget._labels.data[16] == 1
+    assert dice(got, target) > 0.8, dice(got, target)
+    assert errors == []
