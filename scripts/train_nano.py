@@ -1,27 +1,26 @@
 """Train the nano model from scratch on generated stacks, then export its weights.
 
-Two stages (docs/training.md explains why):
+The shipped weights come from stages 1 -> 2 -> 5 -> 6 -> 7 (docs/training.md explains why):
 
 1. "image": 2-slice clips, 4 clips x 8 objects per step, prompts on one slice
    (clicks, boxes, one correction) — learns to segment the clicked object, which
    takes thousands of steps from scratch;
 2. "video": the full recipe (8-slice clips, memory, corrections on tracked
    slices), starting from stage 1's weights, with validation every epoch;
-3. "memory restart": the same recipe from stage 2's weights on twice as many
-   stacks, with the memory attention and memory encoder re-initialised, lower
-   learning rate, stopped after 800 steps. After stages 1-2 the memory
-   attention had collapsed: all its weight on the object pointers, none on the
-   spatial memories (logits of -150 and less, so no gradient reached the memory
-   encoder any more) and the model followed objects from a 64-number summary,
-   drifting to neighbours (scripts/memory_attention_share.py shows it);
-4. "memory": from stage 3's weights, half of the clips tracked without object
-   pointers so that the spatial memories stay in use (without this, the second
-   attention layer collapsed again within 1,200 steps).
+3, 4. the first attempts at the memory attention that had collapsed onto the object
+   pointers after stage 2 (memory path re-initialised; then half of the clips without
+   pointers). Kept for the record; no later stage starts from them;
+5. "local memory": from stage 2, the image embedding scaled down and frozen, a new
+   memory path whose cross-attention starts local and whose memories come from the
+   mask alone, trained without object pointers;
+6. "together": from stage 5, everything trained, half of the clips with pointers;
+7. "longer": more of stage 6 at half its learning rate.
 
-    .venv/bin/python scripts/train_nano.py --stage 1 --out runs/nano     # CPU: ~30 min
-    .venv/bin/python scripts/train_nano.py --stage 2 --out runs/nano     # CPU: ~12 min
-    .venv/bin/python scripts/train_nano.py --stage 3 --out runs/nano     # CPU: ~5 min
-    .venv/bin/python scripts/train_nano.py --stage 4 --out runs/nano     # CPU: ~60 min
+    .venv/bin/python scripts/train_nano.py --stage 1 --out runs/nano     # CPU: ~65 min
+    .venv/bin/python scripts/train_nano.py --stage 2 --out runs/nano     # CPU: ~6 min
+    .venv/bin/python scripts/train_nano.py --stage 5 --out runs/nano     # CPU: ~6 min
+    .venv/bin/python scripts/train_nano.py --stage 6 --out runs/nano     # CPU: ~23 min
+    .venv/bin/python scripts/train_nano.py --stage 7 --out runs/nano     # CPU: ~31 min
     .venv/bin/python scripts/train_nano.py --export --out runs/nano      # into the package
 
 Training stacks use seeds 1000.., validation stacks 5000..; the quality test and

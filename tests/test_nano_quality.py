@@ -18,8 +18,17 @@ FLOOR_ONE_STACK = 0.74  # measured 0.771 (seed 9000)
 FLOOR_FIVE_STACKS = 0.75  # measured 0.776 (seeds 9000-9004)
 
 
-def _mean_dice(seeds) -> float:
-    model = load_model(NANO.name)  # the bundled file, checked against its SHA-256 sum
+@pytest.fixture(scope="module")
+def model():
+    return load_model(NANO.name)  # the bundled file, checked against its SHA-256 sum
+
+
+@pytest.fixture(scope="module")
+def dice_seed_9000(model):
+    return _mean_dice(model, [9000])
+
+
+def _mean_dice(model, seeds) -> float:
     scores = []
     for seed in seeds:
         image, labels = nuclei_3d(seed=seed)
@@ -27,19 +36,18 @@ def _mean_dice(seeds) -> float:
     return float(np.mean([s.dice_3d for s in scores]))
 
 
-def test_bundled_nano_follows_unseen_nuclei():
-    assert _mean_dice([9000]) >= FLOOR_ONE_STACK
+def test_bundled_nano_follows_unseen_nuclei(dice_seed_9000):
+    assert dice_seed_9000 >= FLOOR_ONE_STACK
 
 
-def test_tracking_comes_from_the_spatial_memories(monkeypatch):
+def test_tracking_comes_from_the_spatial_memories(model, dice_seed_9000, monkeypatch):
     """Without its spatial memories the model must do clearly worse: the memory path is
     what follows the nucleus, not the click's slice alone or the object pointers."""
-    with_memories = _mean_dice([9000])
     monkeypatch.setattr(tracking, "select_memories", lambda *args: [])
-    without = _mean_dice([9000])
-    assert with_memories - without >= 0.1, (with_memories, without)
+    without = _mean_dice(model, [9000])
+    assert dice_seed_9000 - without >= 0.1, (dice_seed_9000, without)
 
 
 @pytest.mark.slow
-def test_bundled_nano_on_five_unseen_stacks():
-    assert _mean_dice(range(9000, 9005)) >= FLOOR_FIVE_STACKS
+def test_bundled_nano_on_five_unseen_stacks(model):
+    assert _mean_dice(model, range(9000, 9005)) >= FLOOR_FIVE_STACKS

@@ -287,7 +287,7 @@ def test_keyboard_shortcuts_are_bound(make_napari_viewer, qtbot, model, errors):
 
     keys[KeyBinding.from_str("T")](widget._points)
     assert widget._positive is False
-    assert widget._points.feature_defaults["positive"].iloc[0] == False  # noqa: E712 (a numpy bool)
+    assert widget._points.feature_defaults["positive"].iloc[0] == False
 
 
 def test_writes_into_an_existing_labels_layer(make_napari_viewer, qtbot, model, errors):
