@@ -28,7 +28,7 @@ def main() -> None:
 
     from napari_sam2.model.checkpoint import load_model
     from napari_sam2.model.config import NANO
-    from napari_sam2.model.evaluate import click_and_propagate, slice_table
+    from napari_sam2.model.evaluate import click_and_propagate, error_shares, slice_table
     from napari_sam2.sample_data import cells_2d_time, nuclei_3d, random_stack
 
     model = load_model(NANO.name, args.checkpoint, device="cpu")
@@ -45,6 +45,7 @@ def main() -> None:
             f"{name}: mean 3D Dice {np.mean([x.dice_3d for x in scores]):.3f} over {len(scores)} objects "
             f"(per stack {', '.join(f'{p:.3f}' for p in per_stack)}); "
             f"{np.mean([x.false_slices for x in scores]):.1f} slices per object predicted where it is absent; "
+            "wrong voxels: " + ", ".join(f"{v:.0%} {k}" for k, v in error_shares(scores).items()) + "; "
             f"{time.perf_counter() - t:.0f} s",
             flush=True,
         )

@@ -11,7 +11,7 @@ import torch
 from napari_sam2.model import CheckpointError, build_model, load_model
 from napari_sam2.model import checkpoint as ckpt
 from napari_sam2.model.config import NANO, get_config
-from napari_sam2.model.evaluate import ObjectScore, click_and_propagate, dice, slice_table
+from napari_sam2.model.evaluate import ObjectScore, click_and_propagate, dice, error_shares, score_object, slice_table
 
 
 def test_bundled_weights_load_and_match_their_sum(bundled_nano):
@@ -60,6 +60,23 @@ def test_dice_and_slice_table_by_hand():
     s2 = ObjectScore(2, 7, (0, 0), 0.7, per_slice={0: [0.9], 20: [0.1]})
     rows = slice_table([s1, s2], max_distance=16)
     assert rows == [(0, pytest.approx(0.95), 2), (1, pytest.approx(0.7), 2), (16, pytest.approx(0.1), 1)]
+
+
+def test_score_object_sorts_the_wrong_voxels_by_hand():
+    gt = np.zeros((4, 3, 3), bool)
+    gt[1:3, 0] = True  # 3 voxels on slices 1 and 2
+    pred = np.zeros_like(gt)
+    pred[1, 0, :2] = True  # 2 hits on slice 1 (1 missed)
+    pred[2, 1, 0] = True  # slice 2: 3 missed, 1 beside the object
+    pred[3, :2] = True  # slice 3, where the object is absent: 6 voxels
+    s = score_object(9, 1, (0.0, 0.0), pred, gt)
+    assert (s.hit_voxels, s.missed_voxels, s.extra_voxels, s.false_slice_voxels) == (2, 4, 1, 6)
+    assert s.false_slices == 1
+    assert s.dice_3d == pytest.approx(2 * 2 / (9 + 6))
+    assert s.per_slice == {0: [pytest.approx(2 * 2 / 5)], 1: [0.0]}
+    shares = error_shares([s, ObjectScore(3, 0, (0, 0), 1.0, missed_voxels=2)])
+    assert shares == {"missed": pytest.approx(6 / 13), "beside": pytest.approx(1 / 13),
+                      "absent slices": pytest.approx(6 / 13)}
 
 
 def test_click_and_propagate_clicks_the_middle_of_each_object():

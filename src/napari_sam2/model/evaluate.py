@@ -17,7 +17,7 @@ import numpy as np
 from .sam2 import SAM2Model
 from .video import StackSession
 
-__all__ = ["ObjectScore", "central_pixel", "click_and_propagate", "dice", "slice_table"]
+__all__ = ["ObjectScore", "central_pixel", "click_and_propagate", "dice", "error_shares", "score_object", "slice_table"]
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -36,6 +36,12 @@ class ObjectScore:
     per_slice: Dict[int, List[float]] = field(default_factory=dict)
     # slices where the object is absent but something was predicted
     false_slices: int = 0
+    # voxel counts: predicted and right; missed; predicted beside the object on slices
+    # where it is; predicted on slices where it is absent
+    hit_voxels: int = 0
+    missed_voxels: int = 0
+    extra_voxels: int = 0
+    false_slice_voxels: int = 0
 
 
 def central_pixel(mask: np.ndarray) -> tuple:
@@ -74,14 +80,39 @@ def click_and_propagate(
         pred = np.zeros_like(gt)
         for t, masks in session.propagate("both", start=z):
             pred[t] = masks[1]
-        score = ObjectScore(k, z, xy, dice(pred, gt))
-        for t in range(len(gt)):
-            if gt[t].any():
-                score.per_slice.setdefault(abs(t - z), []).append(dice(pred[t], gt[t]))
-            elif pred[t].any():
-                score.false_slices += 1
-        scores.append(score)
+        scores.append(score_object(k, z, xy, pred, gt))
     return scores
+
+
+def score_object(obj_id: int, click_slice: int, click_xy: tuple, pred: np.ndarray, gt: np.ndarray) -> ObjectScore:
+    """Score one object's predicted (N, H, W) boolean masks against its ground truth."""
+    present = gt.any(axis=(1, 2))
+    score = ObjectScore(
+        obj_id, click_slice, click_xy, dice(pred, gt),
+        hit_voxels=int((pred & gt).sum()),
+        missed_voxels=int((gt & ~pred).sum()),
+        extra_voxels=int((pred & ~gt)[present].sum()),
+        false_slice_voxels=int(pred[~present].sum()),
+    )
+    for t in range(len(gt)):
+        if present[t]:
+            score.per_slice.setdefault(abs(t - click_slice), []).append(dice(pred[t], gt[t]))
+        elif pred[t].any():
+            score.false_slices += 1
+    return score
+
+
+def error_shares(scores: Iterable[ObjectScore]) -> Dict[str, float]:
+    """Where the wrong voxels are, pooled over objects: shares of all wrong voxels that
+    were missed, predicted beside the object, or predicted on slices without it."""
+    scores = list(scores)
+    wrong = {
+        "missed": sum(s.missed_voxels for s in scores),
+        "beside": sum(s.extra_voxels for s in scores),
+        "absent slices": sum(s.false_slice_voxels for s in scores),
+    }
+    total = sum(wrong.values())
+    return {k: (v / total if total else 0.0) for k, v in wrong.items()}
 
 
 def slice_table(scores: Iterable[ObjectScore], max_distance: int = 16) -> List[tuple]:
