@@ -28,7 +28,11 @@ def main() -> None:
 
     from napari_sam2.model.checkpoint import load_model
     from napari_sam2.model.config import NANO
-    from napari_sam2.model.evaluate import click_and_propagate, error_shares, slice_table
+    from napari_sam2.model.evaluate import (
+        click_and_propagate,
+        error_shares,
+        slice_table,
+    )
     from napari_sam2.sample_data import cells_2d_time, nuclei_3d, random_stack
 
     model = load_model(NANO.name, args.checkpoint, device="cpu")

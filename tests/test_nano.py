@@ -11,7 +11,14 @@ import torch
 from napari_sam2.model import CheckpointError, build_model, load_model
 from napari_sam2.model import checkpoint as ckpt
 from napari_sam2.model.config import NANO, get_config
-from napari_sam2.model.evaluate import ObjectScore, click_and_propagate, dice, error_shares, score_object, slice_table
+from napari_sam2.model.evaluate import (
+    ObjectScore,
+    click_and_propagate,
+    dice,
+    error_shares,
+    score_object,
+    slice_table,
+)
 
 
 def test_bundled_weights_load_and_match_their_sum(bundled_nano):
