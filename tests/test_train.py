@@ -256,6 +256,27 @@ def test_adapt_model_rescales_freezes_and_localises(tmp_path):
         Trainer(cfg.replace(freeze=("image_encodr",)), tr, va, tmp_path / "bad")
 
 
+def test_lr_scale_multiplies_the_first_step_of_the_named_parameters(tmp_path):
+    """Adam's first step moves each weight by about lr whatever its gradient, so with the
+    same batch a parameter learning at 10 x the rate moves 10 x as far; the others alike."""
+    cfg, tr, va = _small_run(tmp_path, init="scratch")
+    moves = []
+    for scale in ((), (("memory_encoder.pix_feat_proj", 10.0),)):
+        trainer = Trainer(cfg.replace(lr_scale=scale), tr, va, tmp_path / f"run{len(scale)}")
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train_step()
+        moves.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters()})
+    plain, scaled = moves
+    for n in plain:
+        if n.startswith("memory_encoder.pix_feat_proj"):
+            assert plain[n].abs().max() > 0
+            torch.testing.assert_close(scaled[n], 10 * plain[n], rtol=1e-4, atol=1e-9)
+        else:
+            torch.testing.assert_close(scaled[n], plain[n], rtol=0, atol=0)
+    with pytest.raises(TrainingError, match="lr_scale: no parameter"):
+        Trainer(cfg.replace(lr_scale=(("memory_encodr", 2.0),)), tr, va, tmp_path / "bad")
+
+
 def test_training_learns_on_a_fixed_seed(tmp_path):
     """A few dozen steps: the training loss falls and validation Dice on held-out
     stacks rises. One cell per stack, so that what the tiny model can learn in

@@ -115,6 +115,9 @@ class TrainConfig:
     # at the start of the run (0: leave it): a backbone trained from scratch lets it grow
     # without bound, which drowns the position encoding of the memory attention's queries
     embed_norm: float = 0.0
+    # (parameter-name prefix, factor) pairs: those parameters learn at factor x the
+    # learning rate (e.g. a projection that starts at zero and must grow in a short run)
+    lr_scale: Tuple[Tuple[str, float], ...] = ()
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -560,11 +563,19 @@ class Trainer:
         for s in self.train_stacks + self.val_stacks:
             if s.frames.shape[-1] != size or s.labels.shape[-1] != size:
                 raise TrainingError(f"stack {s.name!r} was prepared at {s.frames.shape[-1]} px, the model takes {size} px")
-        decay, no_decay = [], []
+        names = [n for n, _ in self.model.named_parameters()]
+        for prefix, _ in cfg.lr_scale:
+            if not any(n.startswith(prefix) for n in names):
+                raise TrainingError(f"lr_scale: no parameter name starts with {prefix!r}")
+        groups: Dict[Tuple[bool, float], List[torch.nn.Parameter]] = {}
         for name, prm in self.model.named_parameters():
-            (no_decay if prm.ndim <= 1 or "pos_embed" in name or name.endswith(("tpos_enc", "_embed", "no_obj_ptr", "embed_spatial")) else decay).append(prm)
+            no_decay = prm.ndim <= 1 or "pos_embed" in name or name.endswith(
+                ("tpos_enc", "_embed", "no_obj_ptr", "embed_spatial"))
+            scale = next((f for prefix, f in cfg.lr_scale if name.startswith(prefix)), 1.0)
+            groups.setdefault((no_decay, scale), []).append(prm)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": prms, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr_scale": scale}
+             for (no_decay, scale), prms in sorted(groups.items(), key=lambda kv: kv[0])],  # decayed first
             lr=cfg.lr, betas=(0.9, 0.999),
         )
         self.step = 0
@@ -642,7 +653,7 @@ class Trainer:
         batch = sample_batch(self.train_stacks, cfg, rng)
         self.model.train()
         for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(self.step)
+            g["lr"] = self.lr_at(self.step) * g.get("lr_scale", 1.0)
         with self._amp():
             res = run_clip(self.model, batch, cfg, gen)
         if not torch.isfinite(res.loss):
