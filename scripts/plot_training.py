@@ -23,7 +23,7 @@ def main(history_path: str, out_path: str) -> None:
     if tr:
         a.plot(*zip(*tr), "o-", label="training (mean over the epoch)")
     a.plot(steps, [h["val_loss"] for h in hist], "s-", label="validation")
-    a.set_xlabel("step (2 clips of 8 slices each)")
+    a.set_xlabel("step")
     a.set_ylabel("loss")
     a.set_yscale("log")
     a.legend()

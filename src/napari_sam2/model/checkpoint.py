@@ -68,7 +68,7 @@ CHECKPOINTS: Dict[str, CheckpointInfo] = {
 BUNDLED: Dict[str, Tuple[str, str]] = {
     "sam2.1_nano_synthetic": (
         "sam2.1_nano_synthetic.pt",
-        "a112f44d9fe9a52246cc11653a630f26641e7a34b40f6ba0c570261d63ab358b",
+        "60341fb0f8fd1ee1ec6ccbea9a2222eaea1255b7a72e990bab295efeef74c4ff",
     ),
 }
 
