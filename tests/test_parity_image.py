@@ -177,7 +177,7 @@ def test_several_boxes_match_reference():
     img = _test_image(21, 200, 260)
     boxes = [[10, 20, 120, 150], [100, 40, 250, 190], [0, 0, 259, 199]]
     ref_pred = RefImagePredictor(ref, img)
-    r_full, r_iou, r_low, r_obj = ref_pred.predict(box=boxes, multimask=False)
+    r_full, r_iou, _r_low, _r_obj = ref_pred.predict(box=boxes, multimask=False)
     pred = ImagePredictor(ours)
     pred.set_image(img)
     o = pred.predict(box=boxes, multimask_output=False, return_logits=True)

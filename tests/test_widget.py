@@ -181,7 +181,7 @@ def test_cancel_keeps_done_slices_and_viewer_usable(make_napari_viewer, qtbot, m
 
 def test_sixteen_bit_contrast_limits_reach_the_model(make_napari_viewer, qtbot, model, errors):
     data = volume()
-    viewer, layer, widget = make(make_napari_viewer, qtbot, model, data, contrast_limits=(1100, 1600))
+    _viewer, _layer, widget = make(make_napari_viewer, qtbot, model, data, contrast_limits=(1100, 1600))
     session = widget._segmenter.session(widget._position())
     assert session.frames.intensity_range == (1100.0, 1600.0)
     x = session.frames.model_input(4, SIZE)
@@ -192,7 +192,7 @@ def test_sixteen_bit_contrast_limits_reach_the_model(make_napari_viewer, qtbot, 
 
 
 def test_save_labels_roundtrip(make_napari_viewer, qtbot, model, tmp_path, errors):
-    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume(), scale=(2.0, 0.5, 0.5))
+    viewer, _layer, widget = make(make_napari_viewer, qtbot, model, volume(), scale=(2.0, 0.5, 0.5))
     click(viewer, widget, 3, 21, 20)
     wait(qtbot, widget)
     path = widget.save_labels(tmp_path / "labels.tif")
@@ -230,7 +230,7 @@ def test_widget_on_2d_3d_4d_and_rgb(make_napari_viewer, qtbot, model, errors, sh
 
 def test_bad_input_gives_notifications(make_napari_viewer, qtbot, model, errors, tmp_path):
     # 2D image with "propagate"
-    viewer, layer, widget = make(make_napari_viewer, qtbot, model, (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8))
+    viewer, _layer, widget = make(make_napari_viewer, qtbot, model, (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8))
     widget._points.add(np.array([[20, 25]], float))
     wait(qtbot, widget)
     widget.propagate("both")
@@ -274,13 +274,13 @@ def test_start_in_3d_view_asks_for_2d(make_napari_viewer, qtbot, model, errors):
     def view_3d(viewer, widget):
         viewer.dims.ndisplay = 3
 
-    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume(), before_start=view_3d, expect_session=False)
+    _viewer, _layer, widget = make(make_napari_viewer, qtbot, model, volume(), before_start=view_3d, expect_session=False)
     assert widget._segmenter is None
     assert any("2D view" in e for e in errors)
 
 
 def test_keyboard_shortcuts_are_bound(make_napari_viewer, qtbot, model, errors):
-    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume())
+    _viewer, _layer, widget = make(make_napari_viewer, qtbot, model, volume())
     keys = widget._points.keymap
     assert {"N", "T", "Shift+F", "Shift+B", "Shift+A", "Escape"} <= {str(k) for k in keys}
     from app_model.types import KeyBinding

@@ -406,7 +406,7 @@ def run_clip(
     """
     device = next(model.parameters()).device
     images = batch.images.to(device)
-    n, t_len = images.shape[:2]
+    t_len = images.shape[1]
     targets = batch.targets.to(device)
     b = targets.shape[0]
     feats_all = model.frame_features(model.normalize(images.flatten(0, 1)))
@@ -563,10 +563,7 @@ class Trainer:
         for s in self.train_stacks + self.val_stacks:
             if s.frames.shape[-1] != size or s.labels.shape[-1] != size:
                 raise TrainingError(f"stack {s.name!r} was prepared at {s.frames.shape[-1]} px, the model takes {size} px")
-        names = [n for n, _ in self.model.named_parameters()]
-        for prefix, _ in cfg.lr_scale:
-            if not any(n.startswith(prefix) for n in names):
-                raise TrainingError(f"lr_scale: no parameter name starts with {prefix!r}")
+        _require_prefixes(self.model, [prefix for prefix, _ in cfg.lr_scale], "lr_scale")
         groups: Dict[Tuple[bool, float], List[torch.nn.Parameter]] = {}
         for name, prm in self.model.named_parameters():
             no_decay = prm.ndim <= 1 or "pos_embed" in name or name.endswith(
@@ -771,6 +768,14 @@ def reinitialise(model: SAM2Model, prefixes: Sequence[str], seed: int) -> SAM2Mo
     return model
 
 
+def _require_prefixes(model: SAM2Model, prefixes: Sequence[str], option: str) -> None:
+    """Refuse a parameter-name prefix (of the option ``option``) that names no parameter."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in names):
+            raise TrainingError(f"{option}: no parameter name starts with {prefix!r}")
+
+
 def adapt_model(model: SAM2Model, cfg: TrainConfig, stacks: Sequence[AnnotatedStack] = ()) -> SAM2Model:
     """Apply the run's start-of-training changes: ``embed_norm``, ``local_memory_init``,
     ``mask_only_memory`` and ``freeze`` (see :class:`TrainConfig`)."""
@@ -799,10 +804,7 @@ def adapt_model(model: SAM2Model, cfg: TrainConfig, stacks: Sequence[AnnotatedSt
             with torch.no_grad():
                 att.q_proj.bias.copy_(bias.flatten())
                 att.k_proj.bias.copy_(bias.flatten())
-    names = [n for n, _ in model.named_parameters()]
-    for prefix in cfg.freeze:
-        if not any(n.startswith(prefix) for n in names):
-            raise TrainingError(f"freeze: no parameter name starts with {prefix!r}")
+    _require_prefixes(model, cfg.freeze, "freeze")
     for name, prm in model.named_parameters():
         if name.startswith(tuple(cfg.freeze)):
             prm.requires_grad_(False)
