@@ -371,3 +371,44 @@ def test_training_forward_equals_a_session():
         np.testing.assert_array_equal(trained_path[t].numpy(), masks[1], err_msg=f"slice {t}")
         seen += 1
     assert seen == 6 and trained_path.any(axis=(1, 2)).sum() >= 3
+
+
+def test_training_with_slice_context_equals_a_session():
+    """With ``slice_context`` the training clips carry the neighbours that an inference
+    session reads from the stack (the stack's end slices repeated), so both give the same
+    masks; and the neighbours change the result."""
+    import dataclasses
+
+    from napari_sam2.model import build_model
+    from napari_sam2.model.evaluate import central_pixel
+    from napari_sam2.model.frames import FrameSource
+    from napari_sam2.model.train import run_clip
+    from napari_sam2.model.video import StackSession
+
+    torch.manual_seed(0)
+    plain = build_model(NANO.with_image_size(SIZE)).eval()
+    with torch.no_grad():
+        plain.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
+    model = build_model(dataclasses.replace(NANO.with_image_size(SIZE), slice_context=True)).eval()
+    model.load_state_dict(plain.state_dict())
+    image, labels = random_stack(12, kind="nuclei", size=160)
+    st = prepare_stack(image[5:11], labels[5:11], SIZE)  # six slices: the clip is the whole stack
+    cfg = TrainConfig(model=NANO.name, image_size=SIZE, clip_length=6, clips_per_step=1, objects_per_clip=1)
+    batch = sample_batch([st], cfg, np.random.default_rng(3), augment=False, prompt_frame=3, prompt_kind="click",
+                         context=True)
+    grey = st.frames[:, 0].float()
+    np.testing.assert_array_equal(batch.images[0, 1:, 0].numpy(), grey[:-1].numpy())  # red: the slice before
+    np.testing.assert_array_equal(batch.images[0, :-1, 2].numpy(), grey[1:].numpy())  # blue: the slice after
+    np.testing.assert_array_equal(batch.images[0, 0, 0].numpy(), grey[0].numpy())  # the first repeats
+    with torch.no_grad():
+        trained_path = run_clip(model, batch, cfg, torch.Generator().manual_seed(0), central=True).masks[0]
+    click = central_pixel(batch.targets[0, 3].numpy())
+    results = {}
+    for name, m in (("context", model), ("plain", plain)):
+        session = StackSession(m, FrameSource(grey.numpy(), (0.0, 1.0)), fill_hole_area=0)
+        session.add_points(3, 1, points=[click], labels=[1])
+        results[name] = {t: masks[1] for t, masks in session.propagate("both", start=3)}
+    assert sorted(results["context"]) == list(range(6))
+    for t, mask in results["context"].items():
+        np.testing.assert_array_equal(trained_path[t].numpy(), mask, err_msg=f"slice {t}")
+    assert any(not np.array_equal(results["plain"][t], results["context"][t]) for t in range(6))
