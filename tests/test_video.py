@@ -63,22 +63,6 @@ def test_frames_are_read_lazily_with_one_mapping(model):
     np.testing.assert_allclose(x[0, 0].numpy(), ref[0, 0].numpy(), atol=1e-6)
 
 
-def test_slice_context_puts_the_neighbours_in_red_and_blue():
-    data = stack(5)
-    src = FrameSource(data, intensity_range=(400, 2600))
-    alone = [src.model_input(i, SIZE)[0] for i in range(5)]  # grey: three equal channels
-    for i in range(5):
-        x = src.model_input(i, SIZE, context=True)[0]
-        before, after = alone[max(i - 1, 0)], alone[min(i + 1, 4)]  # the end slices repeat
-        np.testing.assert_array_equal(x[0].numpy(), before[0].numpy(), err_msg=f"slice {i} red")
-        np.testing.assert_array_equal(x[1].numpy(), alone[i][1].numpy(), err_msg=f"slice {i} green")
-        np.testing.assert_array_equal(x[2].numpy(), after[2].numpy(), err_msg=f"slice {i} blue")
-    assert not torch.equal(src.model_input(2, SIZE, context=True), alone[2][None])
-    # colour stacks keep their own channels
-    rgb = FrameSource(np.stack([data, data // 2, data // 3], axis=-1), intensity_range=(400, 2600))
-    assert torch.equal(rgb.model_input(2, SIZE, context=True), rgb.model_input(2, SIZE))
-
-
 def test_default_range_is_robust_percentiles():
     data = stack(10)
     data[0, 0, 0] = 65535  # one hot pixel must not set the range

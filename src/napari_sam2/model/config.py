@@ -78,10 +78,6 @@ class SAM2Config:
     add_tpos_enc_to_obj_ptrs: bool = False
     proj_tpos_enc_in_obj_ptrs: bool = False
     use_signed_tpos_enc_to_obj_ptrs: bool = False
-    # input convention, not weights: for grey stacks, the slices before and after fill the
-    # red and blue channels (the slice itself is green), so that the model sees the stack's
-    # third axis ("2.5D"). Off for Meta's models, which expect grey repeated over RGB.
-    slice_context: bool = False
 
     @property
     def embedding_size(self) -> int:

@@ -90,23 +90,6 @@ class FrameSource:
             raise InputError(f"slice {index} contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
         return arr
 
-    @property
-    def is_grey(self) -> bool:
-        """True when slices have one channel ((N, H, W) or (N, H, W, 1))."""
-        shape = tuple(self.frames.shape)
-        return len(shape) == 3 or shape[-1] == 1
-
-    def model_input(self, index: int, size: int, *, context: bool = False) -> torch.Tensor:
-        """Slice ``index`` as a 1 3 size size tensor in [0, 1] (not yet normalised).
-
-        context: for grey stacks, the slices before and after become the red and blue
-        channels (the first and last slice stand in for their missing neighbour); colour
-        stacks are unaffected.
-        """
-        unit = to_unit_rgb(self.read(index), self.intensity_range)
-        if context and self.is_grey:
-            before = to_unit_rgb(self.read(index - 1), self.intensity_range)[:1] if index > 0 else unit[:1]
-            last = self.num_frames - 1
-            after = to_unit_rgb(self.read(index + 1), self.intensity_range)[:1] if index < last else unit[:1]
-            unit = torch.cat([before, unit[:1], after])
-        return resize_to_model(unit, size)
+    def model_input(self, index: int, size: int) -> torch.Tensor:
+        """Slice ``index`` as a 1 3 size size tensor in [0, 1] (not yet normalised)."""
+        return resize_to_model(to_unit_rgb(self.read(index), self.intensity_range), size)

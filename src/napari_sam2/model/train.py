@@ -118,9 +118,6 @@ class TrainConfig:
     # (parameter-name prefix, factor) pairs: those parameters learn at factor x the
     # learning rate (e.g. a projection that starts at zero and must grow in a short run)
     lr_scale: Tuple[Tuple[str, float], ...] = ()
-    # switch the model's ``slice_context`` input convention on or off for this run (None:
-    # keep the model's); a model trained on grey slices can learn to use the neighbours
-    slice_context: Optional[bool] = None
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -236,13 +233,9 @@ def _augment(frames: torch.Tensor, labels: torch.Tensor, rng: np.random.Generato
 
 def sample_batch(
     stacks: Sequence[AnnotatedStack], cfg: TrainConfig, rng: np.random.Generator, *, augment: bool = True,
-    prompt_frame: Optional[int] = None, prompt_kind: Optional[str] = None, context: bool = False,
+    prompt_frame: Optional[int] = None, prompt_kind: Optional[str] = None,
 ) -> Batch:
-    """Draw ``cfg.clips_per_step`` clips with up to ``cfg.objects_per_clip`` objects each.
-
-    context: grey slices get their stack neighbours as red and blue channels, as
-    :meth:`FrameSource.model_input` gives them to a model with ``slice_context``.
-    """
+    """Draw ``cfg.clips_per_step`` clips with up to ``cfg.objects_per_clip`` objects each."""
     usable = [s for s in stacks if len(s) >= 2]
     if not usable:
         raise TrainingError("every stack has fewer than 2 slices; tracking needs at least 2")
@@ -269,17 +262,10 @@ def sample_batch(
                 "are the labels empty or the objects tiny?"
             )
         chosen = rng.choice(ids, size=min(cfg.objects_per_clip, len(ids)), replace=False)
-        with_context = context and s.frames.shape[1] == 1
-        if with_context:  # one more slice at each end (the stack's end slices repeated)
-            frames = s.frames[np.clip(np.arange(start - 1, start + t_len + 1), 0, len(s) - 1)]
-        else:
-            frames = s.frames[start : start + t_len]
+        frames = s.frames[start : start + t_len]
         if augment:
             frames, lab = _augment(frames, lab, rng)
-        if with_context:
-            images.append(torch.cat([frames[:-2], frames[1:-1], frames[2:]], dim=1).float())
-        else:
-            images.append(frames.float().expand(-1, 3, -1, -1))
+        images.append(frames.float().expand(-1, 3, -1, -1))
         targets.extend(lab == int(i) for i in chosen)
         obj_clip.extend([c] * len(chosen))
     batch = Batch(torch.stack(images), torch.stack(targets), torch.tensor(obj_clip), p, prompt_kind)
@@ -621,10 +607,7 @@ class Trainer:
             "step": self.step,
             "history": self.history,
             "train_config": asdict(self.cfg),
-            "model_config": {
-                "name": self.model.config.name, "image_size": self.model.image_size,
-                "slice_context": self.model.config.slice_context,
-            },
+            "model_config": {"name": self.model.config.name, "image_size": self.model.image_size},
         }
 
     def save(self) -> Path:
@@ -664,7 +647,7 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, self.step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         torch.manual_seed(int(rng.integers(2**62)))  # dropout
-        batch = sample_batch(self.train_stacks, cfg, rng, context=self.model.config.slice_context)
+        batch = sample_batch(self.train_stacks, cfg, rng)
         self.model.train()
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step) * g.get("lr_scale", 1.0)
@@ -690,8 +673,7 @@ class Trainer:
             stacks = self.val_stacks
             t_len = min(cfg.clip_length, max(len(s) for s in stacks)) if stacks else 0
             self._val_batches = [
-                sample_batch(stacks, cfg, rng, augment=False, prompt_frame=t_len // 2, prompt_kind="click",
-                             context=self.model.config.slice_context)
+                sample_batch(stacks, cfg, rng, augment=False, prompt_frame=t_len // 2, prompt_kind="click")
                 for _ in range(self.cfg.val_clips)
             ] if stacks else []
         return self._val_batches
@@ -795,10 +777,8 @@ def _require_prefixes(model: SAM2Model, prefixes: Sequence[str], option: str) ->
 
 
 def adapt_model(model: SAM2Model, cfg: TrainConfig, stacks: Sequence[AnnotatedStack] = ()) -> SAM2Model:
-    """Apply the run's start-of-training changes: ``slice_context``, ``embed_norm``,
-    ``local_memory_init``, ``mask_only_memory`` and ``freeze`` (see :class:`TrainConfig`)."""
-    if cfg.slice_context is not None:
-        model.config = dataclasses.replace(model.config, slice_context=cfg.slice_context)
+    """Apply the run's start-of-training changes: ``embed_norm``, ``local_memory_init``,
+    ``mask_only_memory`` and ``freeze`` (see :class:`TrainConfig`)."""
     if cfg.embed_norm > 0:
         if not stacks:
             raise TrainingError("embed_norm needs training stacks to measure the embedding on")

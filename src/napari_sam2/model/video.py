@@ -163,9 +163,7 @@ class StackSession:
         frame = self._check_frame(frame)
         feats = self.features.get(frame)
         if feats is None:
-            x = self.frames.model_input(
-                frame, self.model.image_size, context=self.model.config.slice_context
-            ).to(self.device)
+            x = self.frames.model_input(frame, self.model.image_size).to(self.device)
             with torch.inference_mode(), self._amp():
                 feats = self.model.frame_features(self.model.normalize(x))
             feats = FrameFeatures(feats.image_embed.float(), [h.float() for h in feats.high_res], feats.pos.float())
