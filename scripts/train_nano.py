@@ -33,7 +33,7 @@ The shipped weights come from stages 1 -> 2 -> 5 -> 6 -> 7 -> 8 -> 9 (docs/train
     .venv/bin/python scripts/train_nano.py --stage 7 --out runs/nano     # CPU: ~31 min
     .venv/bin/python scripts/train_nano.py --stage 8 --out runs/nano     # CPU: ~38 min
     .venv/bin/python scripts/train_nano.py --stage 9 --out runs/nano     # CPU: ~40 min
-    .venv/bin/python scripts/train_nano.py --stage 12 --out runs/nano    # tried: CPU ~38 min
+    .venv/bin/python scripts/train_nano.py --stage 12 --out runs/nano    # tried: CPU ~37 min
     .venv/bin/python scripts/train_nano.py --export --out runs/nano      # into the package
 
 Training stacks use seeds 1000.., validation stacks 5000..; the quality test and
