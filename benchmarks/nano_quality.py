@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/nano_quality.py                      # the bundled weights
     .venv/bin/python benchmarks/nano_quality.py --checkpoint runs/nano/stage6/weights.pt --all
+    .venv/bin/python benchmarks/nano_quality.py --checkpoint runs/nano/stage12/weights.pt --image-size 192 \
+        --seeds 5000 5001 5002 5003 5004 5005                        # a validation figure
 
 As a user works: one positive click at the most interior pixel of each object's middle
 slice, propagated both ways through the whole stack (napari_sam2.model.evaluate).
@@ -24,6 +26,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="weights file (default: the bundled nano weights)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[9000, 9001, 9002], help="nuclei_3d seeds")
     ap.add_argument("--all", action="store_true", help="also seam-free nuclei, cells_2d_time and random_stack")
+    ap.add_argument("--image-size", type=int, help="model input size (default: the nano config's, 128)")
     args = ap.parse_args()
 
     from napari_sam2.model.checkpoint import load_model
@@ -35,7 +38,7 @@ def main() -> None:
     )
     from napari_sam2.sample_data import cells_2d_time, nuclei_3d, random_stack
 
-    model = load_model(NANO.name, args.checkpoint, device="cpu")
+    model = load_model(NANO.name, args.checkpoint, device="cpu", image_size=args.image_size)
     print(f"{NANO.name} ({args.checkpoint or 'bundled'}), torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def run(name, stacks):

@@ -151,7 +151,7 @@ def main() -> None:
         print(f"wrote {path}\nsha256 {digest}\n(record this sum in BUNDLED in model/checkpoint.py)")
         return
     if args.stage is None:
-        ap.error(f"give --stage {min(STAGES)}..{max(STAGES)}, or --export")
+        ap.error(f"give --stage (one of {', '.join(map(str, STAGES))}), or --export")
     previous, cfg, seeds, stop_at = STAGES[args.stage]
     size = cfg.image_size or NANO.image_size
     t = time.perf_counter()
