@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[9000, 9001, 9002], help="nuclei_3d seeds")
     ap.add_argument("--all", action="store_true", help="also seam-free nuclei, cells_2d_time and random_stack")
     ap.add_argument("--image-size", type=int, help="model input size (default: the nano config's, 128)")
+    ap.add_argument("--orientations", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="track in this many orientations and average (model.ensemble; default 1: plain SAM 2)")
     args = ap.parse_args()
 
     from napari_sam2.model.checkpoint import load_model
@@ -39,13 +41,13 @@ def main() -> None:
     from napari_sam2.sample_data import cells_2d_time, nuclei_3d, random_stack
 
     model = load_model(NANO.name, args.checkpoint, device="cpu", image_size=args.image_size)
-    print(f"{NANO.name} ({args.checkpoint or 'bundled'}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{NANO.name} ({args.checkpoint or 'bundled'}), {args.orientations} orientation(s), torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def run(name, stacks):
         t = time.perf_counter()
         scores, per_stack = [], []
         for image, labels in stacks:
-            s = click_and_propagate(model, image, labels)
+            s = click_and_propagate(model, image, labels, orientations=args.orientations)
             scores += s
             per_stack.append(np.mean([x.dice_3d for x in s]))
         print(

@@ -8,12 +8,13 @@ Each fixed position gets its own :class:`~napari_sam2.model.video.StackSession`.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .model.frames import FrameSource
 from .model.preprocess import InputError
+from .model.ensemble import ORIENTATION_CHOICES, EnsembleSession
 from .model.video import StackSession
 
 
@@ -58,7 +59,9 @@ class StackSegmenter:
 
     image: the data (any array-like); rgb: last axis is colour; axis: the axis to
     propagate along (None for a 2D image); displayed: the (row, column) axes;
-    intensity_range: black..white mapping (napari's contrast limits).
+    intensity_range: black..white mapping (napari's contrast limits);
+    orientations: 1 for plain SAM 2 tracking, or 2, 4, 8 to track in that many
+    orientations and average (:class:`~napari_sam2.model.ensemble.EnsembleSession`).
     Other keyword arguments go to each :class:`StackSession`.
     """
 
@@ -71,8 +74,11 @@ class StackSegmenter:
         axis: Optional[int],
         displayed: Tuple[int, int],
         intensity_range: Optional[Sequence[float]] = None,
+        orientations: int = 1,
         **session_kwargs,
     ) -> None:
+        if orientations not in ORIENTATION_CHOICES:
+            raise InputError(f"orientations must be one of {ORIENTATION_CHOICES}, got {orientations!r}")
         nd = len(image.shape) - (1 if rgb else 0)
         if nd < 2:
             raise InputError(f"the image must have at least 2 dimensions, got shape {image.shape}")
@@ -84,6 +90,7 @@ class StackSegmenter:
         self.model, self.image, self.rgb, self.axis, self.displayed = model, image, rgb, axis, displayed
         self.ndim = nd
         self.intensity_range = intensity_range
+        self.orientations = int(orientations)
         self.session_kwargs = session_kwargs
         self.sessions: Dict[tuple, StackSession] = {}
 
@@ -100,11 +107,14 @@ class StackSegmenter:
         fixed = {a: int(position[a]) for a in range(self.ndim) if a != self.axis and a not in self.displayed}
         return AxisView(self.image, axis=self.axis, displayed=self.displayed, fixed=fixed, rgb=self.rgb)
 
-    def session(self, position: Sequence[int]) -> StackSession:
+    def session(self, position: Sequence[int]) -> Union[StackSession, EnsembleSession]:
         k = self.key(position)
         if k not in self.sessions:
             frames = FrameSource(self.view(position), self.intensity_range)
-            self.sessions[k] = StackSession(self.model, frames, **self.session_kwargs)
+            if self.orientations == 1:
+                self.sessions[k] = StackSession(self.model, frames, **self.session_kwargs)
+            else:
+                self.sessions[k] = EnsembleSession(self.model, frames, orientations=self.orientations, **self.session_kwargs)
         return self.sessions[k]
 
     def to_data_order(self, mask: np.ndarray) -> np.ndarray:

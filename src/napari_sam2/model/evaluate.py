@@ -61,10 +61,20 @@ def click_and_propagate(
     obj_ids: Optional[Iterable[int]] = None,
     fast: bool = False,
     intensity_range=None,
+    orientations: int = 1,
 ) -> List[ObjectScore]:
-    """Score every object (or ``obj_ids``) of ``labels`` (N, H, W) on ``image``."""
+    """Score every object (or ``obj_ids``) of ``labels`` (N, H, W) on ``image``.
+
+    orientations: 1 for a plain :class:`StackSession`; 2, 4 or 8 for an
+    :class:`~napari_sam2.model.ensemble.EnsembleSession` (the mean over orientations).
+    """
     labels = np.asarray(labels)
-    session = StackSession(model, image, intensity_range=intensity_range, fast=fast)
+    if orientations == 1:
+        session = StackSession(model, image, intensity_range=intensity_range, fast=fast)
+    else:
+        from .ensemble import EnsembleSession
+
+        session = EnsembleSession(model, image, orientations=orientations, intensity_range=intensity_range, fast=fast)
     ids = sorted(int(i) for i in np.unique(labels) if i != 0) if obj_ids is None else [int(i) for i in obj_ids]
     scores = []
     for k in ids:

@@ -37,6 +37,17 @@ from .tracking import (
 __all__ = ["StackSession", "FeatureCache", "ObjectState"]
 
 
+def low_res_to_slice(
+    low_res: torch.Tensor, obj_ids: Sequence[int], shape: Tuple[int, int], non_overlap: bool, return_logits: bool
+) -> Dict[int, np.ndarray]:
+    """B 1 4h 4w logits (one row per object) -> {obj_id: H x W mask or logits}."""
+    full = F.interpolate(low_res.float(), size=tuple(shape), mode="bilinear", align_corners=False)
+    if non_overlap:
+        full = non_overlapping(full)
+    full = full[:, 0].cpu().numpy()
+    return {oid: (full[i] if return_logits else full[i] > 0) for i, oid in enumerate(obj_ids)}
+
+
 class FeatureCache:
     """Image features of recently used slices, bounded by a byte budget (LRU)."""
 
@@ -207,6 +218,11 @@ class StackSession:
         Returns {object id: H x W bool mask (or float logits)} for every object on this slice.
         """
         frame = self._check_frame(frame)
+        pts, lab = self._model_prompt(points, labels, box, clear)
+        return self._add_model_prompt(frame, obj_id, pts, lab, clear=clear, return_logits=return_logits)
+
+    def _model_prompt(self, points, labels, box, clear: bool) -> Tuple[np.ndarray, np.ndarray]:
+        """Check clicks and box; returns (N x 2 model-input coordinates, N labels), box corners first."""
         if (points is None) != (labels is None):
             raise InputError("points and labels must be given together (labels: 1 positive, 0 negative)")
         if points is None and box is None:
@@ -230,6 +246,10 @@ class StackSession:
                 raise InputError("a box replaces the slice's earlier prompts: use clear=True with a box")
             pts = np.concatenate([self._to_model_xy(bx.reshape(2, 2), "box"), pts])
             lab = np.concatenate([[2, 3], lab])
+        return pts.astype(np.float32), lab.astype(np.int32)
+
+    def _add_model_prompt(self, frame: int, obj_id: int, pts: np.ndarray, lab: np.ndarray, *, clear: bool, return_logits: bool):
+        """add_points with checked prompts already in model-input coordinates."""
         obj = self._object(obj_id, create=True)
         new = PointPrompt(
             torch.from_numpy(pts[None].copy()).to(self.device),
@@ -245,6 +265,10 @@ class StackSession:
     def add_mask(self, frame: int, obj_id: int, mask, *, return_logits: bool = False) -> Dict[int, np.ndarray]:
         """Give an object's mask on one slice (H x W, bool or 0/1); returns the slice's masks."""
         frame = self._check_frame(frame)
+        return self._add_model_mask(frame, obj_id, self._model_mask(mask), return_logits=return_logits)
+
+    def _model_mask(self, mask) -> torch.Tensor:
+        """Check a slice mask; returns it as a 1 1 S S float 0/1 tensor at model-input size."""
         m = np.asarray(mask)
         if m.shape != (self.height, self.width):
             raise InputError(f"mask must have the slice's shape {(self.height, self.width)}, got {m.shape}")
@@ -253,6 +277,10 @@ class StackSession:
         if t.shape[-2:] != (s, s):
             t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
             t = (t >= 0.5).float()
+        return t
+
+    def _add_model_mask(self, frame: int, obj_id: int, t: torch.Tensor, *, return_logits: bool):
+        """add_mask with a checked mask already at model-input size."""
         obj = self._object(obj_id, create=True)
         obj.masks[frame] = t
         obj.points.pop(frame, None)
@@ -298,12 +326,7 @@ class StackSession:
         return self._to_slice(torch.cat(lows, dim=0), return_logits) if lows else {}
 
     def _to_slice(self, low_res: torch.Tensor, return_logits: bool) -> Dict[int, np.ndarray]:
-        """B 1 4h 4w logits (one row per object) -> {obj_id: H x W mask or logits}."""
-        full = F.interpolate(low_res.float(), size=(self.height, self.width), mode="bilinear", align_corners=False)
-        if self.non_overlap:
-            full = non_overlapping(full)
-        full = full[:, 0].cpu().numpy()
-        return {oid: (full[i] if return_logits else full[i] > 0) for i, oid in enumerate(self.objects)}
+        return low_res_to_slice(low_res, list(self.objects), (self.height, self.width), self.non_overlap, return_logits)
 
     # ------------------------------------------------------------------ editing
 

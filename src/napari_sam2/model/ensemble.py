@@ -1,0 +1,236 @@
+"""Track through a stack in several orientations at once and average them.
+
+Example::
+
+    session = EnsembleSession(model, volume, orientations=8)
+    session.add_points(frame=20, obj_id=1, points=[[64, 80]], labels=[1])
+    for z, masks in session.propagate("both"):
+        labels[z][masks[1]] = 1
+
+A square slice has eight symmetries: four rotations by 90 degrees, each with and
+without a mirror image. The model, trained with rotations and flips as
+augmentation, makes different mistakes in each. :class:`EnsembleSession` runs
+one :class:`~napari_sam2.model.video.StackSession` per orientation, each with its
+own memory, gives every one the same prompts (mapped onto its view), and returns
+the mean of their mask logits mapped back (test-time augmentation). The API is
+the StackSession's. With all eight orientations the result is exactly
+equivariant: rotating or mirroring the stack and the prompts rotates or mirrors
+the masks. Cost: one tracker per orientation.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .frames import FrameSource
+from .preprocess import InputError
+from .sam2 import SAM2Model
+from .video import StackSession, low_res_to_slice
+
+__all__ = ["EnsembleSession", "ORIENTATIONS", "ORIENTATION_CHOICES", "orient", "unorient", "orient_xy"]
+
+# (quarter turns, then mirror left-right); any first 2 or 4 are a subgroup
+ORIENTATIONS: Tuple[Tuple[int, bool], ...] = (
+    (0, False), (2, False), (1, True), (3, True), (1, False), (3, False), (0, True), (2, True),
+)
+ORIENTATION_CHOICES = (1, 2, 4, 8)
+# logits are clamped before averaging, so one confident member cannot outvote the rest
+# (the value the reference clamps mask logits to when it feeds them back)
+LOGIT_CLAMP = 32.0
+
+
+def orient(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """A view of ``t`` (... H W) in orientation (k quarter turns, then mirror)."""
+    t = torch.rot90(t, k, (-2, -1)) if k else t
+    return t.flip(-1) if flip else t
+
+
+def unorient(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """The inverse of :func:`orient`."""
+    t = t.flip(-1) if flip else t
+    return torch.rot90(t, -k, (-2, -1)) if k else t
+
+
+def orient_xy(xy: np.ndarray, size: int, k: int, flip: bool) -> np.ndarray:
+    """N x 2 (x, y) model-input coordinates (pixel centres at integers, a square of
+    side ``size``) -> the same places in orientation (k, flip)."""
+    x, y = xy[:, 0].astype(np.float32), xy[:, 1].astype(np.float32)
+    for _ in range(k % 4):  # np.rot90 / torch.rot90: out[i, j] = in[j, size - 1 - i]
+        x, y = y, size - 1 - x
+    if flip:
+        x = size - 1 - x
+    return np.stack([x, y], axis=1).astype(np.float32)
+
+
+class _SharedInputs:
+    """Model inputs of the last few slices, read and resized once for all orientations."""
+
+    def __init__(self, source: FrameSource, keep: int = 8) -> None:
+        self.source, self.keep = source, keep
+        self._items: "OrderedDict[Tuple[int, int], torch.Tensor]" = OrderedDict()
+
+    def get(self, index: int, size: int) -> torch.Tensor:
+        key = (int(index), int(size))
+        t = self._items.get(key)
+        if t is None:
+            t = self.source.model_input(index, size)
+            self._items[key] = t
+            while len(self._items) > self.keep:
+                self._items.popitem(last=False)
+        return t
+
+
+class OrientedFrames(FrameSource):
+    """The slices of a :class:`FrameSource` seen in one orientation."""
+
+    def __init__(self, base: FrameSource, k: int, flip: bool, shared: Optional[_SharedInputs] = None) -> None:
+        # no FrameSource.__init__: everything is the base's
+        self.base, self.k, self.flip = base, int(k) % 4, bool(flip)
+        self.shared = shared or _SharedInputs(base)
+        self.frames, self.dtype, self.num_frames = base.frames, base.dtype, base.num_frames
+        self.intensity_range = base.intensity_range
+        h, w = base.shape
+        self.height, self.width = (w, h) if self.k % 2 else (h, w)
+
+    def read(self, index: int) -> np.ndarray:
+        arr = np.rot90(self.base.read(index), self.k, axes=(0, 1))
+        return np.flip(arr, 1) if self.flip else arr
+
+    def model_input(self, index: int, size: int) -> torch.Tensor:
+        return orient(self.shared.get(index, size), self.k, self.flip).contiguous()
+
+
+class _Member(StackSession):
+    """A StackSession whose results stay as low-resolution logits (the ensemble maps them)."""
+
+    def _to_slice(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
+        return low_res.float().cpu()
+
+
+class EnsembleSession:
+    """A :class:`StackSession` run in ``orientations`` (1, 2, 4 or 8) orientations at once.
+
+    Takes StackSession's arguments (frames, intensity_range, fill_hole_area,
+    non_overlap, corrections_as_conditioning, feature_cache_mb — shared by all
+    orientations —, offload_state, fast) and offers its methods. Returned logits
+    are the members' mean after clamping each to +-32 (not clamped with 1 orientation,
+    which is exactly a StackSession).
+    """
+
+    def __init__(
+        self,
+        model: SAM2Model,
+        frames: Union[FrameSource, "np.ndarray"],
+        *,
+        orientations: int = 8,
+        intensity_range: Optional[Sequence[float]] = None,
+        non_overlap: bool = False,
+        feature_cache_mb: float = 256,
+        **session_kwargs,
+    ) -> None:
+        if orientations not in ORIENTATION_CHOICES:
+            raise InputError(f"orientations must be one of {ORIENTATION_CHOICES}, got {orientations!r}")
+        self.model = model
+        self.frames = frames if isinstance(frames, FrameSource) else FrameSource(frames, intensity_range)
+        self.num_frames = len(self.frames)
+        self.height, self.width = self.frames.shape
+        self.non_overlap = non_overlap
+        self.orientations = ORIENTATIONS[:orientations]
+        shared = _SharedInputs(self.frames)
+        self.members: List[_Member] = [
+            _Member(
+                model, OrientedFrames(self.frames, k, flip, shared), non_overlap=False,
+                feature_cache_mb=feature_cache_mb / orientations, **session_kwargs,
+            )
+            for k, flip in self.orientations
+        ]
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def objects(self):
+        """The objects (every orientation holds the same prompts)."""
+        return self.members[0].objects
+
+    @property
+    def obj_ids(self) -> List[int]:
+        return self.members[0].obj_ids
+
+    @property
+    def state_nbytes(self) -> int:
+        return sum(m.state_nbytes for m in self.members)
+
+    def _combine(self, lows: Sequence[torch.Tensor], return_logits: bool) -> Dict[int, np.ndarray]:
+        if len(lows) == 1:
+            mean = lows[0]
+        else:
+            mean = sum(unorient(low.clamp(-LOGIT_CLAMP, LOGIT_CLAMP), k, f) for low, (k, f) in zip(lows, self.orientations))
+            mean = mean / len(lows)
+        return low_res_to_slice(mean, self.obj_ids, (self.height, self.width), self.non_overlap, return_logits)
+
+    # ------------------------------------------------------------------ prompts
+
+    @torch.inference_mode()
+    def add_points(
+        self, frame: int, obj_id: int, points=None, labels=None, box=None, *, clear: bool = True, return_logits: bool = False
+    ) -> Dict[int, np.ndarray]:
+        """As :meth:`StackSession.add_points`."""
+        first = self.members[0]  # the unrotated view: prompts are checked in the caller's coordinates
+        frame = first._check_frame(frame)
+        pts, lab = first._model_prompt(points, labels, box, clear)
+        size = self.model.image_size
+        lows = []
+        for member, (k, flip) in zip(self.members, self.orientations):
+            p = orient_xy(pts, size, k, flip)
+            if len(lab) >= 2 and lab[0] == 2 and lab[1] == 3:  # box corners: top-left and bottom-right again
+                p[:2] = np.stack([p[:2].min(0), p[:2].max(0)])
+            lows.append(member._add_model_prompt(frame, obj_id, p, lab, clear=clear, return_logits=True))
+        return self._combine(lows, return_logits)
+
+    @torch.inference_mode()
+    def add_mask(self, frame: int, obj_id: int, mask, *, return_logits: bool = False) -> Dict[int, np.ndarray]:
+        """As :meth:`StackSession.add_mask`."""
+        first = self.members[0]
+        frame = first._check_frame(frame)
+        t = first._model_mask(mask)
+        lows = [
+            member._add_model_mask(frame, obj_id, orient(t, k, flip).contiguous(), return_logits=True)
+            for member, (k, flip) in zip(self.members, self.orientations)
+        ]
+        return self._combine(lows, return_logits)
+
+    def clear_frame(self, frame: int, obj_id: int) -> None:
+        for m in self.members:
+            m.clear_frame(frame, obj_id)
+
+    def remove_object(self, obj_id: int) -> None:
+        for m in self.members:
+            m.remove_object(obj_id)
+
+    def reset(self) -> None:
+        for m in self.members:
+            m.reset()
+
+    def prefetch(self, frames: Sequence[int]) -> None:
+        for m in self.members:
+            m.prefetch(frames)
+
+    # ------------------------------------------------------------------ propagation
+
+    def propagate(
+        self,
+        direction: str = "both",
+        *,
+        start: Optional[int] = None,
+        frame_range: Optional[Tuple[int, int]] = None,
+        return_logits: bool = False,
+    ) -> Iterator[Tuple[int, Dict[int, np.ndarray]]]:
+        """As :meth:`StackSession.propagate`: every orientation advances one slice at a time."""
+        runs = [m.propagate(direction, start=start, frame_range=frame_range, return_logits=True) for m in self.members]
+        for items in zip(*runs):
+            frame = items[0][0]
+            yield frame, self._combine([low for _, low in items], return_logits)
