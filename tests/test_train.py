@@ -323,6 +323,9 @@ def test_command_line_train_then_evaluate(tmp_path, capsys):
     assert main(["evaluate", *pairs[:3], "--model", NANO.name, "--checkpoint", str(out / "weights.pt"), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "img1.tif: 2 objects, mean 3D Dice" in printed and "distance from click" in printed
+    assert "all: 2 objects, 8 orientation(s)" in printed  # the nano model's default
+    assert main(["evaluate", *pairs[:3], "--checkpoint", str(out / "weights.pt"), "--orientations", "1"]) == 0
+    assert "all: 2 objects, 1 orientation(s)" in capsys.readouterr().out
     # no data, and a resume with nothing to resume: plain errors, no traceback
     assert main(["train", "--out", str(tmp_path / "x")]) == 1
     assert "no data" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import tifffile
 import torch
 
 from napari_sam2.model import build_model, get_config
+from napari_sam2.model.ensemble import EnsembleSession
 from napari_sam2.model.frames import FrameSource
 from napari_sam2.model.video import StackSession
 from napari_sam2.widgets import sam2_widget as sw
@@ -57,10 +58,11 @@ def volume(n=8, h=48, w=56, seed=0):
     return v.astype(np.uint16)
 
 
-def make(viewer_factory, qtbot, model, data, *, before_start=None, expect_session=True, **layer_kwargs):
+def make(viewer_factory, qtbot, model, data, *, before_start=None, expect_session=True, orientations=1, **layer_kwargs):
     """A viewer with ``data``, the docked widget, and a started session.
 
-    before_start(viewer, widget) adjusts the viewer or the widget's choices first.
+    before_start(viewer, widget) adjusts the viewer or the widget's choices first;
+    orientations: the widget's Orientations choice (1: plain SAM 2, as ``engine``).
     """
     viewer = viewer_factory()
     layer = viewer.add_image(data, **layer_kwargs)
@@ -68,6 +70,7 @@ def make(viewer_factory, qtbot, model, data, *, before_start=None, expect_sessio
     viewer.window.add_dock_widget(widget)
     widget._image_combo.value = layer
     widget._model = model
+    widget._orientations.value = orientations
     if before_start is not None:
         before_start(viewer, widget)
     widget.start()
@@ -79,10 +82,12 @@ def wait(qtbot, widget):
     qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT)
 
 
-def engine(model, layer, **kw):
+def engine(model, layer, orientations=1, **kw):
     """An independent session on the same data and intensity mapping."""
-    return StackSession(model, FrameSource(np.asarray(layer.data), tuple(layer.contrast_limits)),
-                        corrections_as_conditioning=True, **kw)
+    frames = FrameSource(np.asarray(layer.data), tuple(layer.contrast_limits))
+    if orientations > 1:
+        return EnsembleSession(model, frames, orientations=orientations, corrections_as_conditioning=True, **kw)
+    return StackSession(model, frames, corrections_as_conditioning=True, **kw)
 
 
 def click(viewer, widget, z, y, x):
@@ -123,6 +128,28 @@ def test_propagation_and_two_objects_match_the_engine(make_napari_viewer, qtbot,
         write_masks(expected, (z, slice(None), slice(None)), masks)
     np.testing.assert_array_equal(widget._labels.data, expected)
     assert set(np.unique(widget._labels.data)) == {0, 1, 2}
+    assert errors == []
+
+
+def test_orientations_choice_tracks_like_the_ensemble(make_napari_viewer, qtbot, model, errors):
+    """With Orientations 4 a click and a propagation give what an EnsembleSession of four
+    orientations gives on the same data."""
+    viewer, layer, widget = make(make_napari_viewer, qtbot, model, volume(), orientations=4)
+    click(viewer, widget, 3, 21, 20)
+    wait(qtbot, widget)
+    widget.propagate("forward")
+    wait(qtbot, widget)
+    from napari_sam2.segmenter import write_masks
+
+    ref = engine(model, layer, orientations=4)
+    expected = np.zeros(layer.data.shape, np.uint16)
+    write_masks(expected, (3, slice(None), slice(None)), {1: ref.add_points(3, 1, points=[[20, 21]], labels=[1])[1]})
+    for z, masks in ref.propagate("forward"):
+        write_masks(expected, (z, slice(None), slice(None)), masks)
+    assert expected[4:].any()
+    np.testing.assert_array_equal(widget._labels.data, expected)
+    plain = engine(model, layer).add_points(3, 1, points=[[20, 21]], labels=[1])[1]
+    assert (plain != expected[3].astype(bool)).any()  # four orientations are not the plain result
     assert errors == []
 
 
@@ -327,9 +354,10 @@ def test_gui_starts_a_bundled_model_at_once(make_napari_viewer, qtbot, errors, b
         assert torch.equal(loaded[k], v.half().float()), k
     with torch.no_grad():  # random weights: make the object score say "present"
         model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
+    assert widget._orientations.value == 8  # the nano model's default: eight orientations
     click(viewer, widget, 16, 96, 90)
     wait(qtbot, widget)
-    expected = engine(model, layer).add_points(16, 1, points=[[90, 96]], labels=[1])[1]
+    expected = engine(model, layer, orientations=8).add_points(16, 1, points=[[90, 96]], labels=[1])[1]
     assert expected.any()
     np.testing.assert_array_equal(widget._labels.data[16], expected.astype(np.uint16))
     assert errors == []
@@ -342,6 +370,7 @@ def test_gui_leaves_a_downloadable_model_to_start(make_napari_viewer, qtbot, err
     _, widget = open_gui(model="sam2.1_hiera_small", viewer=make_napari_viewer())
     qtbot.wait(50)
     assert widget._model_combo.value == "sam2.1_hiera_small"
+    assert widget._orientations.value == 1  # Meta's models: plain SAM 2 unless asked
     assert not widget.is_busy and widget._segmenter is None and widget._model is None
     assert errors == []
 

@@ -31,13 +31,24 @@ from .preprocess import InputError
 from .sam2 import SAM2Model
 from .video import StackSession, low_res_to_slice
 
-__all__ = ["EnsembleSession", "ORIENTATIONS", "ORIENTATION_CHOICES", "orient", "unorient", "orient_xy"]
+__all__ = ["EnsembleSession", "ORIENTATIONS", "ORIENTATION_CHOICES", "default_orientations", "orient", "unorient", "orient_xy"]
 
 # (quarter turns, then mirror left-right); any first 2 or 4 are a subgroup
 ORIENTATIONS: Tuple[Tuple[int, bool], ...] = (
     (0, False), (2, False), (1, True), (3, True), (1, False), (3, False), (0, True), (2, True),
 )
 ORIENTATION_CHOICES = (1, 2, 4, 8)
+
+
+def default_orientations(model_name: Optional[str]) -> int:
+    """What the widget starts with: 8 for the bundled nano model (small enough that eight
+    trackers cost ~2 s per 32 slices on two CPU cores, and 0.02-0.03 better in 3D Dice,
+    docs/benchmarks.md), 1 (plain SAM 2) for Meta's models."""
+    from .config import NANO
+
+    return 8 if model_name == NANO.name else 1
+
+
 # logits are clamped before averaging, so one confident member cannot outvote the rest
 # (the value the reference clamps mask logits to when it feeds them back)
 LOGIT_CLAMP = 32.0

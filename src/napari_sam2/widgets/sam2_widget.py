@@ -25,9 +25,11 @@ from magicgui.widgets import (
 )
 
 from ..model.config import DEFAULT_MODEL
+from ..model.ensemble import default_orientations
 from ..model.preprocess import InputError
 
 CHOOSE_FILE = "choose a checkpoint file…"
+ORIENTATION_ITEMS = [("1 (plain SAM 2)", 1), ("2", 2), ("4", 4), ("8 (most accurate)", 8)]
 POSITIVE_COLOR, NEGATIVE_COLOR = "#33ff33", "#ff3355"
 
 
@@ -57,6 +59,11 @@ class SAM2Widget(Container):
         self._checkpoint.visible = False
         self._device_combo = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self._fast = CheckBox(text="Fast mode (bfloat16)", value=False)
+        self._orientations = ComboBox(
+            label="Orientations", choices=ORIENTATION_ITEMS, value=default_orientations(DEFAULT_MODEL),
+            tooltip="Track in several rotated and mirrored views and average them: more accurate, "
+            "that many times the work. Applies from the next Start session.",
+        )
         self._axis_combo = ComboBox(label="Propagate along", choices=self._axis_choices)
         self._output_combo = ComboBox(label="Write into", choices=self._output_choices)
         self._start_btn = PushButton(text="Start session")
@@ -70,7 +77,7 @@ class SAM2Widget(Container):
         self._save_btn = PushButton(text="Save labels…")
         self._status = Label(value="Choose an image, then Start session.")
         self.extend([
-            self._image_combo, self._model_combo, self._checkpoint, self._device_combo, self._fast,
+            self._image_combo, self._model_combo, self._checkpoint, self._device_combo, self._fast, self._orientations,
             self._axis_combo, self._output_combo, self._start_btn, self._new_obj_btn, self._polarity_btn, self._fwd_btn,
             self._back_btn, self._both_btn, self._cancel_btn, self._axes_edit, self._save_btn, self._status,
         ])
@@ -143,6 +150,7 @@ class SAM2Widget(Container):
     def _on_model_choice(self, value) -> None:
         # the file field (with its Browse button) appears only for "choose a checkpoint file…"
         self._checkpoint.visible = value == CHOOSE_FILE
+        self._orientations.value = default_orientations(value)
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
@@ -216,7 +224,7 @@ class SAM2Widget(Container):
         self._segmenter = StackSegmenter(
             model, layer.data, rgb=layer.rgb, axis=axis, displayed=displayed,
             intensity_range=tuple(layer.contrast_limits) if not layer.rgb else None,
-            fast=self._fast.value, corrections_as_conditioning=True,
+            fast=self._fast.value, corrections_as_conditioning=True, orientations=self._orientations.value,
         )
         self._make_layers(layer)
         if not self._axes_edit.value:
