@@ -31,7 +31,10 @@ from .preprocess import InputError
 from .sam2 import SAM2Model
 from .video import StackSession, low_res_to_slice
 
-__all__ = ["EnsembleSession", "ORIENTATIONS", "ORIENTATION_CHOICES", "default_orientations", "orient", "unorient", "orient_xy"]
+__all__ = [
+    "ORIENTATIONS", "ORIENTATION_CHOICES", "EnsembleSession", "OrientedFrames",
+    "default_orientations", "orient", "orient_xy", "unorient",
+]
 
 # (quarter turns, then mirror left-right); any first 2 or 4 are a subgroup
 ORIENTATIONS: Tuple[Tuple[int, bool], ...] = (
@@ -80,7 +83,7 @@ def orient_xy(xy: np.ndarray, size: int, k: int, flip: bool) -> np.ndarray:
 class _SharedInputs:
     """Model inputs of the last few slices, read and resized once for all orientations."""
 
-    def __init__(self, source: FrameSource, keep: int = 8) -> None:
+    def __init__(self, source: FrameSource, keep: int = 4) -> None:
         self.source, self.keep = source, keep
         self._items: "OrderedDict[Tuple[int, int], torch.Tensor]" = OrderedDict()
 
