@@ -112,6 +112,10 @@ STAGE_10 = STAGE_9.replace(prob_drop_pointers=0.8, epochs=10, seed=8)
 # stacks ~2-4 tokens across at 128 px). Stage 9 run at 192 px untrained segments the
 # clicked slice better but tracks worse; this stage fine-tunes it there.
 STAGE_12 = STAGE_9.replace(image_size=192, lr_scale=(), epochs=6, seed=10)
+# A mask loss on the slices where the object is absent: in SAM 2's recipe only the object
+# score learns there, so no pixel of a touching neighbour that the mask ran on into is
+# penalised; here every candidate mask is trained towards empty on those slices.
+STAGE_13 = STAGE_9.replace(absent_mask_weight=1.0, lr_scale=(), epochs=8, seed=11)
 # stage -> (the stage whose weights it starts from, config, training seeds, step to stop at)
 STAGES = {
     1: (None, STAGE_1, TRAIN_SEEDS_1, STAGE_1_STEPS),
@@ -125,6 +129,7 @@ STAGES = {
     9: ("stage8", STAGE_9, TRAIN_SEEDS_3, None),
     10: ("stage9", STAGE_10, TRAIN_SEEDS_3, None),
     12: ("stage9", STAGE_12, TRAIN_SEEDS_3, None),
+    13: ("stage9", STAGE_13, TRAIN_SEEDS_3, None),
 }
 FINAL = "stage9"
 

@@ -374,3 +374,40 @@ def test_training_forward_equals_a_session():
         np.testing.assert_array_equal(trained_path[t].numpy(), masks[1], err_msg=f"slice {t}")
         seen += 1
     assert seen == 6 and trained_path.any(axis=(1, 2)).sum() >= 3
+
+
+def test_absent_mask_weight_adds_an_empty_mask_loss_where_the_object_is_absent():
+    """Worked by hand: with absent_mask_weight 0 (SAM 2's recipe) an absent object's loss is
+    its object-score BCE alone; with w > 0 it adds w x the mean over its masks of
+    20 x focal + dice against an empty mask. The present object's loss is unchanged."""
+    import math
+
+    from napari_sam2.model.sam2 import HeadsOutput
+    from napari_sam2.model.train import TrainConfig, heads_loss
+
+    s = 4
+    masks = torch.full((2, 2, s, s), -3.0)
+    masks[1, 0, :2, :2] = 2.0  # object 1 (absent) predicts 4 pixels in mask 0
+    gt = torch.zeros(2, s, s, dtype=torch.bool)
+    gt[0, 1:3, 1:3] = True  # object 0 is present
+    heads = HeadsOutput(masks[:, :, ::4, ::4], masks, torch.full((2, 2), 0.5), masks[:, :1], masks[:, :1],
+                        torch.zeros(2, 8), torch.tensor([[1.0], [1.0]]))
+
+    def focal_empty(x):  # mean over pixels, target 0: alpha 0.75, gamma 2
+        p = 1 / (1 + math.exp(-x))
+        return 0.75 * p**2 * -math.log(1 - p)
+
+    def expected_absent_terms():
+        m0 = (4 * focal_empty(2.0) + 12 * focal_empty(-3.0)) / 16
+        p0 = 4 / (1 + math.exp(-2.0)) + 12 / (1 + math.exp(3.0))
+        d0 = 1 - 1 / (p0 + 1)
+        m1 = focal_empty(-3.0)
+        p1 = 16 / (1 + math.exp(3.0))
+        d1 = 1 - 1 / (p1 + 1)
+        return ((20 * m0 + d0) + (20 * m1 + d1)) / 2
+
+    plain, _ = heads_loss(heads, gt, TrainConfig())
+    weighted, _ = heads_loss(heads, gt, TrainConfig(absent_mask_weight=2.0))
+    # the loss is the mean over the 2 objects, so the absent object's extra term counts half
+    assert float(weighted - plain) == pytest.approx(2.0 * expected_absent_terms() / 2, rel=1e-4)
+    assert float(weighted - plain) > 0.5

@@ -92,6 +92,10 @@ class TrainConfig:
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     score_weight: float = 1.0
+    # mask loss (focal + dice against an empty mask, every candidate mask) on slices where
+    # the object is absent, at this weight; 0 is SAM 2's recipe, where only the object
+    # score learns from those slices
+    absent_mask_weight: float = 0.0
     min_area: int = 12  # pixels (at model size) an object needs on the prompted slice
     device: str = "cpu"
     bf16: bool = False  # bfloat16 autocast
@@ -377,6 +381,8 @@ def heads_loss(heads: HeadsOutput, gt: torch.Tensor, cfg: TrainConfig) -> Tuple[
     iou_l = (heads.ious.float() - true_iou).abs().mean(1)
     score_l = F.binary_cross_entropy_with_logits(heads.object_score_logits[:, 0].float(), present, reduction="none")
     total = present * (mask_l + cfg.iou_weight * iou_l) + cfg.score_weight * score_l
+    if cfg.absent_mask_weight:
+        total = total + (1 - present) * cfg.absent_mask_weight * combo.mean(1)
     parts = {
         "focal": float((present * focal[rows, best]).detach().mean()),
         "dice": float((present * dice[rows, best]).detach().mean()),
