@@ -176,3 +176,16 @@ def test_ensemble_on_cuda_matches_cpu(volume):
         s.add_points(4, 1, points=[xy], labels=[1])
         out.append(np.stack([m[1] for _, m in s.propagate("both")]))
     assert (out[0] != out[1]).mean() < 0.002
+
+
+def test_each_slice_is_encoded_once_for_all_orientations(model, volume, monkeypatch):
+    image, labels = volume
+    sizes = []
+    real = model.frame_features
+    monkeypatch.setattr(model, "frame_features", lambda x: (sizes.append(x.shape[0]), real(x))[1])
+    s = EnsembleSession(model, image, orientations=8)
+    s.add_points(4, 1, points=[central(labels[4], 1)], labels=[1])
+    s.prefetch([3, 5])
+    assert sizes == [8, 8, 8]
+    list(s.propagate("both"))
+    assert sizes == [8] * 8  # one batch of 8 views per slice, each slice once

@@ -15,7 +15,8 @@ own memory, gives every one the same prompts (mapped onto its view), and returns
 the mean of their mask logits mapped back (test-time augmentation). The API is
 the StackSession's. With all eight orientations the result is exactly
 equivariant: rotating or mirroring the stack and the prompts rotates or mirrors
-the masks. Cost: one tracker per orientation.
+the masks. Cost: one tracker per orientation; the slices' features are computed for all
+orientations in one batch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from .frames import FrameSource
 from .preprocess import InputError
-from .sam2 import SAM2Model
+from .sam2 import FrameFeatures, SAM2Model
 from .video import StackSession, low_res_to_slice
 
 __all__ = [
@@ -119,7 +120,18 @@ class OrientedFrames(FrameSource):
 
 
 class _Member(StackSession):
-    """A StackSession whose results stay as low-resolution logits (the ensemble maps them)."""
+    """A StackSession whose results stay as low-resolution logits (the ensemble maps them)
+    and whose slice features are computed for all orientations at once, in one batch."""
+
+    def __init__(self, *args, group: "EnsembleSession", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._group = group
+
+    def frame_features(self, frame: int) -> FrameFeatures:
+        frame = self._check_frame(frame)
+        if frame not in self.features:
+            self._group._encode(frame)
+        return super().frame_features(frame)
 
     def _to_slice(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
         return low_res.float().cpu()
@@ -158,7 +170,7 @@ class EnsembleSession:
         self.members: List[_Member] = [
             _Member(
                 model, OrientedFrames(self.frames, k, flip, shared), non_overlap=False,
-                feature_cache_mb=feature_cache_mb / orientations, **session_kwargs,
+                feature_cache_mb=feature_cache_mb / orientations, group=self, **session_kwargs,
             )
             for k, flip in self.orientations
         ]
@@ -177,6 +189,18 @@ class EnsembleSession:
     @property
     def state_nbytes(self) -> int:
         return sum(m.state_nbytes for m in self.members)
+
+    def _encode(self, frame: int) -> None:
+        """Features of one slice in every orientation, one batch through the image encoder."""
+        first = self.members[0]
+        x = torch.cat([m.frames.model_input(frame, self.model.image_size) for m in self.members]).to(first.device)
+        with torch.inference_mode(), first._amp():
+            f = self.model.frame_features(self.model.normalize(x))
+        for i, m in enumerate(self.members):
+            m.features.put(frame, FrameFeatures(
+                f.image_embed[i : i + 1].float().clone(), [h[i : i + 1].float().clone() for h in f.high_res],
+                f.pos[i : i + 1].float().clone(),
+            ))
 
     def _combine(self, lows: Sequence[torch.Tensor], return_logits: bool) -> Dict[int, np.ndarray]:
         if len(lows) == 1:
