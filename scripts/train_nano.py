@@ -116,6 +116,8 @@ STAGE_12 = STAGE_9.replace(image_size=192, lr_scale=(), epochs=6, seed=10)
 # score learns there, so no pixel of a touching neighbour that the mask ran on into is
 # penalised; here every candidate mask is trained towards empty on those slices.
 STAGE_13 = STAGE_9.replace(absent_mask_weight=1.0, lr_scale=(), epochs=8, seed=11)
+# More of stage 13 at half its learning rate (its validation 3D Dice was still rising).
+STAGE_14 = STAGE_13.replace(lr=5e-5, seed=12)
 # stage -> (the stage whose weights it starts from, config, training seeds, step to stop at)
 STAGES = {
     1: (None, STAGE_1, TRAIN_SEEDS_1, STAGE_1_STEPS),
@@ -130,6 +132,7 @@ STAGES = {
     10: ("stage9", STAGE_10, TRAIN_SEEDS_3, None),
     12: ("stage9", STAGE_12, TRAIN_SEEDS_3, None),
     13: ("stage9", STAGE_13, TRAIN_SEEDS_3, None),
+    14: ("stage13", STAGE_14, TRAIN_SEEDS_3, None),
 }
 FINAL = "stage9"
 

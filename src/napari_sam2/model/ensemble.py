@@ -46,7 +46,7 @@ ORIENTATION_CHOICES = (1, 2, 4, 8)
 
 def default_orientations(model_name: Optional[str]) -> int:
     """What the widget starts with: 8 for the bundled nano model (small enough that eight
-    trackers cost ~2 s per 32 slices on two CPU cores, and 0.02-0.03 better in 3D Dice,
+    trackers cost ~1.2 s per 32 slices on two CPU cores, and 0.02-0.03 better in 3D Dice,
     docs/benchmarks.md), 1 (plain SAM 2) for Meta's models."""
     from .config import NANO
 
