@@ -68,7 +68,7 @@ CHECKPOINTS: Dict[str, CheckpointInfo] = {
 BUNDLED: Dict[str, Tuple[str, str]] = {
     "sam2.1_nano_synthetic": (
         "sam2.1_nano_synthetic.pt",
-        "60341fb0f8fd1ee1ec6ccbea9a2222eaea1255b7a72e990bab295efeef74c4ff",
+        "dc762571ec073a87ebe5cd4fd898286e1c16cb83b7111e2f5430ce63badb65fb",
     ),
 }
 
