@@ -125,6 +125,8 @@ STAGE_12 = STAGE_9.replace(image_size=192, lr_scale=(), epochs=6, seed=10)
 STAGE_13 = STAGE_9.replace(absent_mask_weight=1.0, lr_scale=(), epochs=8, seed=11)
 # More of stage 13 at half its learning rate (its validation 3D Dice was still rising).
 STAGE_14 = STAGE_13.replace(lr=5e-5, seed=12)
+# More of stage 14 again (its validation figure was still rising).
+STAGE_15 = STAGE_14.replace(seed=13)
 # stage -> (the stage whose weights it starts from, config, training seeds, step to stop at)
 STAGES = {
     1: (None, STAGE_1, TRAIN_SEEDS_1, STAGE_1_STEPS),
@@ -140,6 +142,7 @@ STAGES = {
     12: ("stage9", STAGE_12, TRAIN_SEEDS_3, None),
     13: ("stage9", STAGE_13, TRAIN_SEEDS_3, None),
     14: ("stage13", STAGE_14, TRAIN_SEEDS_3, None),
+    15: ("stage14", STAGE_15, TRAIN_SEEDS_3, None),
 }
 FINAL = "stage14"
 
