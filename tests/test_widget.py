@@ -371,6 +371,8 @@ def test_gui_leaves_a_downloadable_model_to_start(make_napari_viewer, qtbot, err
     qtbot.wait(50)
     assert widget._model_combo.value == "sam2.1_hiera_small"
     assert widget._orientations.value == 1  # Meta's models: plain SAM 2 unless asked
+    _, widget = open_gui(model="sam2.1_hiera_small", orientations=4, viewer=make_napari_viewer())
+    assert widget._orientations.value == 4
     assert not widget.is_busy and widget._segmenter is None and widget._model is None
     assert errors == []
 

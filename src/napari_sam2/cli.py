@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("image", nargs="?", type=Path, help="an image or stack to open (default: generated 3D nuclei)")
     g.add_argument("--model", default=None, help="registry name, e.g. sam2.1_hiera_small")
     g.add_argument("--checkpoint", type=Path, help="local checkpoint file")
+    g.add_argument("--orientations", type=int, choices=(1, 2, 4, 8),
+                   help="track in this many rotated / mirrored views and average "
+                        "(default: 8 for the bundled nano model, 1 for Meta's models)")
 
     f = sub.add_parser("fetch", help="download an official checkpoint into the cache")
     f.add_argument("model", help="registry name, e.g. sam2.1_hiera_tiny")
@@ -133,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _gui(args) -> int:
     import napari
 
-    open_gui(args.image, model=args.model, checkpoint=args.checkpoint)
+    open_gui(args.image, model=args.model, checkpoint=args.checkpoint, orientations=args.orientations)
     napari.run()
     return 0
 
@@ -146,7 +149,8 @@ def _model_name(args) -> Optional[str]:
 
 
 def open_gui(
-    image: Optional[Path] = None, *, model: Optional[str] = None, checkpoint: Optional[Path] = None, viewer=None
+    image: Optional[Path] = None, *, model: Optional[str] = None, checkpoint: Optional[Path] = None,
+    orientations: Optional[int] = None, viewer=None,
 ):
     """A viewer with ``image`` (default: the generated 3D nuclei) and the docked widget: (viewer, widget).
 
@@ -176,6 +180,8 @@ def open_gui(
         widget._checkpoint.value = str(checkpoint)
     elif model:
         widget._model_combo.value = model
+    if orientations is not None:
+        widget._orientations.value = orientations
     if checkpoint is None and widget._model_combo.value in BUNDLED:
         widget.start()
     return viewer, widget
