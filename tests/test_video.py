@@ -254,20 +254,20 @@ def test_nan_slice_is_reported(model):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(frame=9, points=[[3, 3]], labels=[1]), "outside the stack"),
-        (dict(frame=-1, points=[[3, 3]], labels=[1]), "outside the stack"),
-        (dict(frame=0, points=[[70, 3]], labels=[1]), "outside the slice"),
-        (dict(frame=0, points=[[3, 3]]), "together"),
-        (dict(frame=0), "points with labels, or a box"),
-        (dict(frame=0, points=[[3, 3]], labels=[1, 1]), "one entry per point"),
-        (dict(frame=0, box=[10, 10, 5, 5]), "x0 <= x1"),
+        ({"frame": 9, "points": [[3, 3]], "labels": [1]}, "outside the stack"),
+        ({"frame": -1, "points": [[3, 3]], "labels": [1]}, "outside the stack"),
+        ({"frame": 0, "points": [[70, 3]], "labels": [1]}, "outside the slice"),
+        ({"frame": 0, "points": [[3, 3]]}, "together"),
+        ({"frame": 0}, "points with labels, or a box"),
+        ({"frame": 0, "points": [[3, 3]], "labels": [1, 1]}, "one entry per point"),
+        ({"frame": 0, "box": [10, 10, 5, 5]}, "x0 <= x1"),
     ],
 )
 def test_bad_prompts(model, kwargs, match):
     s = StackSession(model, stack(4), intensity_range=(400, 2600))
-    frame = kwargs.pop("frame")
+    rest = {k: v for k, v in kwargs.items() if k != "frame"}  # the parameter table stays as it is
     with pytest.raises(InputError, match=match):
-        s.add_points(frame, 1, **kwargs)
+        s.add_points(kwargs["frame"], 1, **rest)
 
 
 def test_bad_mask_and_direction(model):
