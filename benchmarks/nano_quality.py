@@ -20,6 +20,8 @@ import time
 import numpy as np
 import torch
 
+from napari_sam2.model.config import ORIENTATION_CHOICES
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +29,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[9000, 9001, 9002], help="nuclei_3d seeds")
     ap.add_argument("--all", action="store_true", help="also seam-free nuclei, cells_2d_time and random_stack")
     ap.add_argument("--image-size", type=int, help="model input size (default: the nano config's, 128)")
-    ap.add_argument("--orientations", type=int, default=1, choices=(1, 2, 4, 8),
+    ap.add_argument("--orientations", type=int, default=1, choices=ORIENTATION_CHOICES,
                     help="track in this many orientations and average (model.ensemble; default 1: plain SAM 2)")
     args = ap.parse_args()
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .model.config import DEFAULT_MODEL
+from .model.config import DEFAULT_MODEL, ORIENTATION_CHOICES
 
 
 def _parse_xy(text: str) -> List[float]:
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("image", nargs="?", type=Path, help="an image or stack to open (default: generated 3D nuclei)")
     g.add_argument("--model", default=None, help="registry name, e.g. sam2.1_hiera_small")
     g.add_argument("--checkpoint", type=Path, help="local checkpoint file")
-    g.add_argument("--orientations", type=int, choices=(1, 2, 4, 8),
+    g.add_argument("--orientations", type=int, choices=ORIENTATION_CHOICES,
                    help="track in this many rotated / mirrored views and average "
                         "(default: 8 for the bundled nano model, 1 for Meta's models)")
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", type=Path, help="weights file (default: the model's own)")
     e.add_argument("--device", default="auto")
     e.add_argument("--fast", action="store_true")
-    e.add_argument("--orientations", type=int, choices=(1, 2, 4, 8),
+    e.add_argument("--orientations", type=int, choices=ORIENTATION_CHOICES,
                    help="track in this many rotated / mirrored views and average "
                         "(default: 8 for the bundled nano model, 1 for Meta's models)")
     return p
@@ -249,10 +249,9 @@ def _evaluate(args) -> int:
     from .io import read_image
     from .model import load_model
     from .model.devices import pick_device
+    from .model.ensemble import default_orientations
     from .model.evaluate import click_and_propagate, slice_table
     from .sample_data import nuclei_3d
-
-    from .model.ensemble import default_orientations
 
     model = load_model(_model_name(args), args.checkpoint, device=pick_device(args.device))
     orientations = args.orientations or default_orientations(model.config.name)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .model.frames import FrameSource
 from .model.preprocess import InputError
-from .model.ensemble import ORIENTATION_CHOICES, EnsembleSession
+from .model.ensemble import EnsembleSession, check_orientations, open_session
 from .model.video import StackSession
 
 
@@ -77,8 +77,7 @@ class StackSegmenter:
         orientations: int = 1,
         **session_kwargs,
     ) -> None:
-        if orientations not in ORIENTATION_CHOICES:
-            raise InputError(f"orientations must be one of {ORIENTATION_CHOICES}, got {orientations!r}")
+        orientations = check_orientations(orientations)
         nd = len(image.shape) - (1 if rgb else 0)
         if nd < 2:
             raise InputError(f"the image must have at least 2 dimensions, got shape {image.shape}")
@@ -90,7 +89,7 @@ class StackSegmenter:
         self.model, self.image, self.rgb, self.axis, self.displayed = model, image, rgb, axis, displayed
         self.ndim = nd
         self.intensity_range = intensity_range
-        self.orientations = int(orientations)
+        self.orientations = orientations
         self.session_kwargs = session_kwargs
         self.sessions: Dict[tuple, StackSession] = {}
 
@@ -111,10 +110,7 @@ class StackSegmenter:
         k = self.key(position)
         if k not in self.sessions:
             frames = FrameSource(self.view(position), self.intensity_range)
-            if self.orientations == 1:
-                self.sessions[k] = StackSession(self.model, frames, **self.session_kwargs)
-            else:
-                self.sessions[k] = EnsembleSession(self.model, frames, orientations=self.orientations, **self.session_kwargs)
+            self.sessions[k] = open_session(self.model, frames, orientations=self.orientations, **self.session_kwargs)
         return self.sessions[k]
 
     def to_data_order(self, mask: np.ndarray) -> np.ndarray:

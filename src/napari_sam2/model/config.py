@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
-__all__ = ["DEFAULT_MODEL", "HieraConfig", "SAM2Config", "MODELS", "NANO", "get_config", "register"]
+__all__ = ["DEFAULT_MODEL", "ORIENTATION_CHOICES", "HieraConfig", "SAM2Config", "MODELS", "NANO", "get_config", "register"]
 
 
 @dataclass(frozen=True)
@@ -189,3 +189,7 @@ def get_config(name: str) -> SAM2Config:
         raise KeyError(
             f"unknown model {name!r}; registered models are: {', '.join(sorted(MODELS))}"
         ) from None
+
+# how many orientations a stack session may track in (model.ensemble); kept here, free
+# of torch, so that the command line can offer them without importing the engine
+ORIENTATION_CHOICES = (1, 2, 4, 8)

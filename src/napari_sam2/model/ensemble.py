@@ -21,12 +21,12 @@ orientations in one batch.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from .config import ORIENTATION_CHOICES
 from .frames import FrameSource
 from .preprocess import InputError
 from .sam2 import FrameFeatures, SAM2Model
@@ -34,14 +34,27 @@ from .video import StackSession, low_res_to_slice
 
 __all__ = [
     "ORIENTATIONS", "ORIENTATION_CHOICES", "EnsembleSession", "OrientedFrames",
-    "default_orientations", "orient", "orient_xy", "unorient",
+    "check_orientations", "default_orientations", "open_session", "orient", "orient_xy", "unorient",
 ]
 
 # (quarter turns, then mirror left-right); any first 2 or 4 are a subgroup
 ORIENTATIONS: Tuple[Tuple[int, bool], ...] = (
     (0, False), (2, False), (1, True), (3, True), (1, False), (3, False), (0, True), (2, True),
 )
-ORIENTATION_CHOICES = (1, 2, 4, 8)
+
+
+def check_orientations(orientations) -> int:
+    """``orientations`` as an int, or an InputError naming the allowed values."""
+    if orientations not in ORIENTATION_CHOICES:
+        raise InputError(f"orientations must be one of {ORIENTATION_CHOICES}, got {orientations!r}")
+    return int(orientations)
+
+
+def open_session(model: SAM2Model, frames, *, orientations: int = 1, **session_kwargs):
+    """A :class:`StackSession` for 1 orientation (plain SAM 2), else an :class:`EnsembleSession`."""
+    if check_orientations(orientations) == 1:
+        return StackSession(model, frames, **session_kwargs)
+    return EnsembleSession(model, frames, orientations=orientations, **session_kwargs)
 
 
 def default_orientations(model_name: Optional[str]) -> int:
@@ -81,31 +94,12 @@ def orient_xy(xy: np.ndarray, size: int, k: int, flip: bool) -> np.ndarray:
     return np.stack([x, y], axis=1).astype(np.float32)
 
 
-class _SharedInputs:
-    """Model inputs of the last few slices, read and resized once for all orientations."""
-
-    def __init__(self, source: FrameSource, keep: int = 4) -> None:
-        self.source, self.keep = source, keep
-        self._items: "OrderedDict[Tuple[int, int], torch.Tensor]" = OrderedDict()
-
-    def get(self, index: int, size: int) -> torch.Tensor:
-        key = (int(index), int(size))
-        t = self._items.get(key)
-        if t is None:
-            t = self.source.model_input(index, size)
-            self._items[key] = t
-            while len(self._items) > self.keep:
-                self._items.popitem(last=False)
-        return t
-
-
 class OrientedFrames(FrameSource):
     """The slices of a :class:`FrameSource` seen in one orientation."""
 
-    def __init__(self, base: FrameSource, k: int, flip: bool, shared: Optional[_SharedInputs] = None) -> None:
+    def __init__(self, base: FrameSource, k: int, flip: bool) -> None:
         # no FrameSource.__init__: everything is the base's
         self.base, self.k, self.flip = base, int(k) % 4, bool(flip)
-        self.shared = shared or _SharedInputs(base)
         self.frames, self.dtype, self.num_frames = base.frames, base.dtype, base.num_frames
         self.intensity_range = base.intensity_range
         h, w = base.shape
@@ -116,7 +110,7 @@ class OrientedFrames(FrameSource):
         return np.flip(arr, 1) if self.flip else arr
 
     def model_input(self, index: int, size: int) -> torch.Tensor:
-        return orient(self.shared.get(index, size), self.k, self.flip).contiguous()
+        return orient(self.base.model_input(index, size), self.k, self.flip).contiguous()
 
 
 class _Member(StackSession):
@@ -158,18 +152,16 @@ class EnsembleSession:
         feature_cache_mb: float = 256,
         **session_kwargs,
     ) -> None:
-        if orientations not in ORIENTATION_CHOICES:
-            raise InputError(f"orientations must be one of {ORIENTATION_CHOICES}, got {orientations!r}")
+        orientations = check_orientations(orientations)
         self.model = model
         self.frames = frames if isinstance(frames, FrameSource) else FrameSource(frames, intensity_range)
         self.num_frames = len(self.frames)
         self.height, self.width = self.frames.shape
         self.non_overlap = non_overlap
         self.orientations = ORIENTATIONS[:orientations]
-        shared = _SharedInputs(self.frames)
         self.members: List[_Member] = [
             _Member(
-                model, OrientedFrames(self.frames, k, flip, shared), non_overlap=False,
+                model, OrientedFrames(self.frames, k, flip), non_overlap=False,
                 feature_cache_mb=feature_cache_mb / orientations, group=self, **session_kwargs,
             )
             for k, flip in self.orientations
@@ -193,7 +185,8 @@ class EnsembleSession:
     def _encode(self, frame: int) -> None:
         """Features of one slice in every orientation, one batch through the image encoder."""
         first = self.members[0]
-        x = torch.cat([m.frames.model_input(frame, self.model.image_size) for m in self.members]).to(first.device)
+        view = self.frames.model_input(frame, self.model.image_size)  # read and resized once
+        x = torch.cat([orient(view, k, flip) for k, flip in self.orientations]).to(first.device)
         with torch.inference_mode(), first._amp():
             f = self.model.frame_features(self.model.normalize(x))
         for i, m in enumerate(self.members):

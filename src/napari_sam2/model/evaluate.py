@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from .sam2 import SAM2Model
-from .video import StackSession
+from .ensemble import open_session
 
 __all__ = ["ObjectScore", "central_pixel", "click_and_propagate", "dice", "error_shares", "score_object", "slice_table"]
 
@@ -69,12 +69,7 @@ def click_and_propagate(
     :class:`~napari_sam2.model.ensemble.EnsembleSession` (the mean over orientations).
     """
     labels = np.asarray(labels)
-    if orientations == 1:
-        session = StackSession(model, image, intensity_range=intensity_range, fast=fast)
-    else:
-        from .ensemble import EnsembleSession
-
-        session = EnsembleSession(model, image, orientations=orientations, intensity_range=intensity_range, fast=fast)
+    session = open_session(model, image, orientations=orientations, intensity_range=intensity_range, fast=fast)
     ids = sorted(int(i) for i in np.unique(labels) if i != 0) if obj_ids is None else [int(i) for i in obj_ids]
     scores = []
     for k in ids:
