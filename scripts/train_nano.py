@@ -31,7 +31,12 @@ The shipped weights come from stages 1 -> 2 -> 5 -> 6 -> 7 -> 8 -> 9 -> 13 -> 14
 14. more of stage 13 at half its learning rate: 0.810 on the validation nuclei, 0.834 with
    8 orientations against stage 9's 0.822, the margin met: **shipped**;
 15. more of stage 14 again: 0.812 on the validation nuclei, 0.835 with 8 orientations, a tie
-   with stage 14, not shipped.
+   with stage 14, not shipped;
+16. "160 px": stage 14 fine-tuned at 160 px input, stopped at step 1,000 of 1,600: 0.819 on
+   the validation nuclei at 160 px, no better than stage 14 run at 160 px untrained (0.820);
+17. "lone clicks": more of stage 14 with ~40 % of the clips a single click and nothing more
+   (the evaluated use; ~15 % before): 0.810 on the validation nuclei, 0.838 with 8
+   orientations against 0.834, below the margin, not shipped.
 
     .venv/bin/python scripts/train_nano.py --stage 1 --out runs/nano     # CPU: ~65 min
     .venv/bin/python scripts/train_nano.py --stage 2 --out runs/nano     # CPU: ~6 min
@@ -44,6 +49,8 @@ The shipped weights come from stages 1 -> 2 -> 5 -> 6 -> 7 -> 8 -> 9 -> 13 -> 14
     .venv/bin/python scripts/train_nano.py --stage 13 --out runs/nano    # CPU: ~22 min
     .venv/bin/python scripts/train_nano.py --stage 14 --out runs/nano    # CPU: ~22 min
     .venv/bin/python scripts/train_nano.py --stage 15 --out runs/nano    # tried: CPU ~22 min
+    .venv/bin/python scripts/train_nano.py --stage 16 --out runs/nano    # tried: CPU ~28 min
+    .venv/bin/python scripts/train_nano.py --stage 17 --out runs/nano    # tried: CPU ~20 min
     .venv/bin/python scripts/train_nano.py --export --out runs/nano      # into the package
 
 Training stacks use seeds 1000.., validation stacks 5000..; the quality test and
@@ -68,14 +75,14 @@ TRAIN_SEEDS_3 = range(1000, 1192)
 VAL_SEEDS = range(5000, 5012)
 
 STAGE_1 = TrainConfig(
-    model=NANO.name, init="scratch", clip_length=2, clips_per_step=4, objects_per_clip=8,
+    model=NANO.name, init="scratch", image_size=128, clip_length=2, clips_per_step=4, objects_per_clip=8,
     prob_tracked_correction=0.0, max_corrections=1, prob_box=0.2, prob_mask=0.0,
     epochs=20, steps_per_epoch=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.3, min_area=6, seed=0,
 )  # (20 x 1000 steps: the same schedule as one epoch of 20000, saved every 1000 steps)
 STAGE_1_STEPS = 18000  # the schedule spans 20000 steps; the run stops here
 
 STAGE_2 = TrainConfig(
-    model=NANO.name, clip_length=8, clips_per_step=2, objects_per_clip=3,
+    model=NANO.name, image_size=128, clip_length=8, clips_per_step=2, objects_per_clip=3,
     epochs=10, steps_per_epoch=200, warmup_steps=50, lr=5e-4, min_lr_ratio=0.1, min_area=6,
     val_clips=16, seed=1,
 )
@@ -130,6 +137,14 @@ STAGE_13 = STAGE_9.replace(absent_mask_weight=1.0, lr_scale=(), epochs=8, seed=1
 STAGE_14 = STAGE_13.replace(lr=5e-5, seed=12)
 # More of stage 14 again (its validation figure was still rising): a tie, not shipped.
 STAGE_15 = STAGE_14.replace(seed=13)
+# A finer grid again, 160 px (10 x 10 tokens): stage 14 run at 160 px untrained already
+# segments the validation nuclei better than at 128 (3D Dice 0.820 against 0.810, the
+# clicked slice 0.864 against 0.849); this stage fine-tunes it there.
+STAGE_16 = STAGE_14.replace(image_size=160, seed=14)
+# The evaluated use, one click and nothing more, made common: in the recipe so far only
+# ~15 % of the clips were a lone click (corrective clicks on the prompted slice in 2 of
+# 3 clips, one on a tracked slice in 30 %, boxes 25 %, masks 10 %); here about 40 %.
+STAGE_17 = STAGE_14.replace(prob_box=0.15, prob_mask=0.05, max_corrections=1, prob_tracked_correction=0.1, seed=15)
 # stage -> (the stage whose weights it starts from, config, training seeds, step to stop at)
 STAGES = {
     1: (None, STAGE_1, TRAIN_SEEDS_1, STAGE_1_STEPS),
@@ -146,6 +161,8 @@ STAGES = {
     13: ("stage9", STAGE_13, TRAIN_SEEDS_3, None),
     14: ("stage13", STAGE_14, TRAIN_SEEDS_3, None),
     15: ("stage14", STAGE_15, TRAIN_SEEDS_3, None),
+    16: ("stage14", STAGE_16, TRAIN_SEEDS_3, None),
+    17: ("stage14", STAGE_17, TRAIN_SEEDS_3, None),
 }
 FINAL = "stage14"
 
@@ -174,7 +191,7 @@ def main() -> None:
     if args.stage is None:
         ap.error(f"give --stage (one of {', '.join(map(str, STAGES))}), or --export")
     previous, cfg, seeds, stop_at = STAGES[args.stage]
-    size = cfg.image_size or NANO.image_size
+    size = cfg.image_size
     t = time.perf_counter()
     tr = make_stacks(seeds, size)
     va = make_stacks(VAL_SEEDS, size) if previous else []  # stage 1 does not validate
