@@ -63,8 +63,8 @@ def ref_propagate(pred, state, reverse, start=None):
 
 def compare(ours: dict, ref: dict, what: str):
     assert sorted(ours) == sorted(ref), (what, sorted(ours), sorted(ref))
-    for f in ref:
-        for oid, r in ref[f].items():
+    for f, ref_masks in ref.items():
+        for oid, r in ref_masks.items():
             o = ours[f][oid]
             diff = float(np.abs(o - r).max())
             assert diff <= TOL, f"{what}: slice {f}, object {oid}: max |logit diff| {diff:.2e}"

@@ -119,8 +119,8 @@ def test_stop_early_keeps_results_and_can_resume(model):
             break  # the caller stops (e.g. Cancel)
     assert sorted(got) == [0, 1, 2, 3, 4]
     again = {f: m[1] for f, m in s.propagate("forward")}
-    for f in got:  # what was computed before stopping is what a full run gives
-        assert np.array_equal(got[f], again[f])
+    for f, mask in got.items():  # what was computed before stopping is what a full run gives
+        assert np.array_equal(mask, again[f])
 
 
 def test_objects_added_after_propagation(model):

@@ -12,9 +12,8 @@ import tifffile
 import torch
 
 from napari_sam2.model import build_model, get_config
-from napari_sam2.model.ensemble import EnsembleSession
+from napari_sam2.model.ensemble import open_session
 from napari_sam2.model.frames import FrameSource
-from napari_sam2.model.video import StackSession
 from napari_sam2.widgets import sam2_widget as sw
 
 SIZE = 128
@@ -85,9 +84,7 @@ def wait(qtbot, widget):
 def engine(model, layer, orientations=1, **kw):
     """An independent session on the same data and intensity mapping."""
     frames = FrameSource(np.asarray(layer.data), tuple(layer.contrast_limits))
-    if orientations > 1:
-        return EnsembleSession(model, frames, orientations=orientations, corrections_as_conditioning=True, **kw)
-    return StackSession(model, frames, corrections_as_conditioning=True, **kw)
+    return open_session(model, frames, orientations=orientations, corrections_as_conditioning=True, **kw)
 
 
 def click(viewer, widget, z, y, x):

@@ -27,6 +27,12 @@ def _parse_box(text: str) -> List[float]:
     return vals
 
 
+def _add_orientations(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--orientations", type=int, choices=ORIENTATION_CHOICES,
+                        help="track in this many rotated / mirrored views and average "
+                             "(default: 8 for the bundled nano model, 1 for Meta's models)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-sam2", description="Segment Anything 2 for microscopy images and stacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -37,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("image", nargs="?", type=Path, help="an image or stack to open (default: generated 3D nuclei)")
     g.add_argument("--model", default=None, help="registry name, e.g. sam2.1_hiera_small")
     g.add_argument("--checkpoint", type=Path, help="local checkpoint file")
-    g.add_argument("--orientations", type=int, choices=ORIENTATION_CHOICES,
-                   help="track in this many rotated / mirrored views and average "
-                        "(default: 8 for the bundled nano model, 1 for Meta's models)")
+    _add_orientations(g)
 
     f = sub.add_parser("fetch", help="download an official checkpoint into the cache")
     f.add_argument("model", help="registry name, e.g. sam2.1_hiera_tiny")
@@ -89,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", type=Path, help="weights file (default: the model's own)")
     e.add_argument("--device", default="auto")
     e.add_argument("--fast", action="store_true")
-    e.add_argument("--orientations", type=int, choices=ORIENTATION_CHOICES,
-                   help="track in this many rotated / mirrored views and average "
-                        "(default: 8 for the bundled nano model, 1 for Meta's models)")
+    _add_orientations(e)
     return p
 
 

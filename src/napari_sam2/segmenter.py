@@ -12,9 +12,9 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .model.ensemble import EnsembleSession, check_orientations, open_session
 from .model.frames import FrameSource
 from .model.preprocess import InputError
-from .model.ensemble import EnsembleSession, check_orientations, open_session
 from .model.video import StackSession
 
 
@@ -91,7 +91,7 @@ class StackSegmenter:
         self.intensity_range = intensity_range
         self.orientations = orientations
         self.session_kwargs = session_kwargs
-        self.sessions: Dict[tuple, StackSession] = {}
+        self.sessions: Dict[tuple, Union[StackSession, EnsembleSession]] = {}
 
     # ------------------------------------------------------------ positions
 

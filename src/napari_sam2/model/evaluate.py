@@ -14,8 +14,8 @@ from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
-from .sam2 import SAM2Model
 from .ensemble import open_session
+from .sam2 import SAM2Model
 
 __all__ = ["ObjectScore", "central_pixel", "click_and_propagate", "dice", "error_shares", "score_object", "slice_table"]
 
