@@ -4,7 +4,9 @@
 #   bash scripts/setup.sh --dev    # plus the test tools and Meta's reference (parity tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+# the interpreter to build the venv from: $PYTHON, else python3, else python
+PYTHON=${PYTHON:-$(command -v python3 || command -v python || true)}
+if [ -z "$PYTHON" ]; then echo "error: no python3 or python on PATH; install Python 3.10+ or set PYTHON" >&2; exit 1; fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY=.venv/bin/python
 echo "torch==2.13.0" > .venv/constraints.txt
