@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import socket
 import threading
 from pathlib import Path
@@ -200,3 +201,108 @@ def test_512_variant_loads_a_tiny_checkpoint(tmp_path):
 def test_unknown_model_lists_names():
     with pytest.raises(KeyError, match="sam2.1_hiera_large"):
         get_config("sam3")
+
+
+# ---------------------------------------------------------------- published sums
+
+
+PUBLISHED = {  # from Meta's release notes: 072824/ = SAM 2.0, 092824/ = SAM 2.1
+    "sam2_hiera_tiny": ("072824", "65b50056e05bcb13694174f51bb6da89c894b57b75ccdf0ba6352c597c5d1125"),
+    "sam2_hiera_small": ("072824", "95949964d4e548409021d47b22712d5f1abf2564cc0c3c765ba599a24ac7dce3"),
+    "sam2_hiera_base_plus": ("072824", "d0bb7f236400a49669ffdd1be617959a8b1d1065081789d7bbff88eded3a8071"),
+    "sam2_hiera_large": ("072824", "7442e4e9b732a508f80e141e7c2913437a3610ee0c77381a66658c3a445df87b"),
+    "sam2.1_hiera_tiny": ("092824", "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69"),
+    "sam2.1_hiera_small": ("092824", "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38"),
+    "sam2.1_hiera_base_plus": ("092824", "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5"),
+    "sam2.1_hiera_large": ("092824", "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318"),
+}
+
+
+def test_official_checkpoints_pin_the_published_sums():
+    from napari_sam2.model import CHECKPOINTS
+
+    assert set(CHECKPOINTS) == set(PUBLISHED)
+    for name, (folder, digest) in PUBLISHED.items():
+        info = CHECKPOINTS[name]
+        assert info.url == f"https://dl.fbaipublicfiles.com/segment_anything_2/{folder}/{name}.pt"
+        assert info.sha256 == digest, name
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """Fail the test if anything tries to download."""
+    import pooch
+
+    def retrieve(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(pooch, "retrieve", retrieve)
+
+
+def test_cached_file_not_matching_the_published_sum_is_refused(offline, capsys):
+    """A file kept by the old trust-on-first-use scheme is refused even though its own
+    record (<file>.sha256) vouches for it; it is not silently replaced either."""
+    from napari_sam2.cli import main
+    from napari_sam2.model.checkpoint import cache_dir
+
+    cached = cache_dir() / "sam2.1_hiera_tiny.pt"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    content = b"an unchecked first download" * 100
+    cached.write_bytes(content)
+    cached.with_name(cached.name + ".sha256").write_text(hashlib.sha256(content).hexdigest() + "\n")
+    with pytest.raises(CheckpointError) as info:
+        load_model("sam2.1_hiera_tiny")
+    msg = str(info.value)
+    assert str(cached) in msg and "napari-sam2 fetch sam2.1_hiera_tiny" in msg and "Delete" in msg
+    assert PUBLISHED["sam2.1_hiera_tiny"][1] in msg
+    assert cached.read_bytes() == content
+    # the command line says the same in one line
+    assert main(["fetch", "sam2.1_hiera_tiny"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "napari-sam2 fetch sam2.1_hiera_tiny" in err[0]
+
+
+def test_verified_file_is_not_hashed_on_every_load(server, tmp_path, monkeypatch):
+    from napari_sam2.model import checkpoint as ckpt
+
+    base, handler = server
+    handler.payload = b"0123456789" * 10_000
+    digest = hashlib.sha256(handler.payload).hexdigest()
+    url, cache = f"{base}/w.pt", tmp_path / "cache"
+    path = fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False)
+    hashed = []
+    real = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p) or real(p))
+    handler.payload = b"the server now serves something else"
+    # verified at download: later uses read nothing
+    assert fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False) == path
+    assert fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False) == path
+    assert hashed == []
+    # the proof that it is not read: other bytes, same size and modification time, still accepted
+    stat = path.stat()
+    path.write_bytes(b"9" * stat.st_size)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False) == path
+    assert hashed == []
+    # a new modification time makes it hash the file again, and refuse it
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(CheckpointError, match="not the published file"):
+        fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False)
+    assert hashed == [path]
+
+
+def test_file_put_in_the_cache_by_hand_is_checked_once(tmp_path, offline, monkeypatch):
+    """The offline route (copy the file into the cache): hashed on first use, then trusted."""
+    from napari_sam2.model import checkpoint as ckpt
+
+    content = b"weights copied from another computer" * 100
+    digest = hashlib.sha256(content).hexdigest()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "m.pt").write_bytes(content)
+    hashed = []
+    real = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p) or real(p))
+    for _ in range(3):
+        assert fetch_checkpoint("https://example.invalid/m.pt", sha256=digest, folder=cache) == cache / "m.pt"
+    assert len(hashed) == 1

@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
-from .model.config import DEFAULT_MODEL, ORIENTATION_CHOICES
+from .model.config import DEFAULT_MODEL, MODELS, ORIENTATION_CHOICES
+
+# options whose values may start with "-" (negative coordinates such as --point -5,10)
+_COORDINATE_OPTIONS = ("--point", "--negative", "--box")
+_NEGATIVE_VALUE = re.compile(r"-[0-9.]")
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("napari-sam2")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
+
+def _attach_negative_values(argv: Sequence[str]) -> List[str]:
+    """``--point -5,10`` -> ``--point=-5,10``: argparse would take ``-5,10`` for an option."""
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":  # everything after it is positional
+            out.extend(argv[i:])
+            break
+        if arg in _COORDINATE_OPTIONS and i + 1 < len(argv) and _NEGATIVE_VALUE.match(argv[i + 1]):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 def _parse_xy(text: str) -> List[float]:
@@ -35,6 +69,7 @@ def _add_orientations(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-sam2", description="Segment Anything 2 for microscopy images and stacks")
+    p.add_argument("--version", action="version", version=f"napari-sam2 {_package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the registered models and their download URLs")
@@ -51,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment one 2D image from clicks and/or a box, write a label TIFF")
     s.add_argument("image", type=Path, help="a 2D TIFF (or any file tifffile/scikit-image reads)")
     s.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write")
-    s.add_argument("--point", type=_parse_xy, action="append", default=[], help="positive click X,Y (repeatable)")
-    s.add_argument("--negative", type=_parse_xy, action="append", default=[], help="negative click X,Y (repeatable)")
+    s.add_argument("--point", type=_parse_xy, action="append", default=[],
+                   help="positive click X,Y (column,row pixels; repeatable)")
+    s.add_argument("--negative", type=_parse_xy, action="append", default=[],
+                   help="negative click X,Y (column,row pixels; repeatable)")
     s.add_argument("--box", type=_parse_box, help="box X0,Y0,X1,Y1")
     s.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
     s.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: bundled, or download the official one)")
@@ -86,19 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
 
     e = sub.add_parser("evaluate", help="one click per object on its middle slice, propagate, report 3D Dice")
-    e.add_argument("--pair", nargs=2, action="append", default=[], type=Path, metavar=("IMAGE", "LABELS"))
+    e.add_argument("--pair", nargs=2, action="append", default=[], type=Path, metavar=("IMAGE", "LABELS"),
+                   help="an image stack (N, H, W) or (N, H, W, C) and its instance label stack (N, H, W), "
+                        "0 = background (repeatable)")
     e.add_argument("--synthetic-seeds", type=int, nargs="*", default=[], metavar="SEED",
                    help="generated nuclei stacks with these seeds (training used 1000..1095, 5000..5011)")
     e.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
     e.add_argument("--checkpoint", type=Path, help="weights file (default: the model's own)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--fast", action="store_true")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    e.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
     _add_orientations(e)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser().parse_args(_attach_negative_values(argv))
     from .model import CHECKPOINTS, MODELS, CheckpointError, InputError
     from .model.train import TrainingError
 
@@ -131,11 +172,105 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         return _segment(args)
     except (CheckpointError, InputError, TrainingError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
         return 1
 
 
+def _check_model(name: Optional[str]) -> None:
+    """An unknown --model fails at once, listing the registered names."""
+    from .model import InputError
+
+    if name is not None and name not in MODELS:
+        raise InputError(
+            f"unknown model {name!r}; choose one of {', '.join(MODELS)} (`napari-sam2 models` lists them)"
+        )
+
+
+def _check_checkpoint(path: Optional[Path]) -> None:
+    from .model import InputError
+
+    if path is not None and not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"checkpoint {path} {what}; pass the path of a .pt checkpoint file")
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _check_readable(path: Path, what: str) -> None:
+    from .model import InputError
+
+    if not path.exists():
+        raise InputError(f"{what} file {path} does not exist")
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; give an image file (TIFF, PNG, JPEG)")
+    if _is_nifti(path):
+        raise InputError(
+            f"{what} {path} is a NIfTI file, and NIfTI support is not available yet; "
+            "convert it to TIFF (e.g. in Fiji: File > Save As > Tiff...) and use the TIFF"
+        )
+
+
+def _unreadable(path: Path, what: str, err: BaseException):
+    from .model import InputError
+
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return InputError(f"cannot read {what} file {path} ({detail}); it must be an image file: TIFF, PNG or JPEG")
+
+
+def _check_array(shape: tuple, dtype, path: Path, what: str) -> None:
+    import numpy as np
+
+    from .model import InputError
+
+    if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+        raise InputError(f"{what} {path} holds {dtype} data, not pixel values; give a TIFF, PNG or JPEG image")
+    if len(shape) < 2:
+        raise InputError(
+            f"{what} {path} holds a {len(shape)}D array of shape {tuple(shape)}; "
+            "an image needs at least 2 dimensions (Y, X)"
+        )
+
+
+def _read_image(path: Path, what: str = "image"):
+    """read_image, with a missing, unreadable, NIfTI or 1D file turned into a one-line InputError."""
+    from .io import read_image
+
+    _check_readable(path, what)
+    try:
+        data = read_image(path)
+    except (ValueError, OSError) as err:  # tifffile, imageio and Pillow raise these for files they cannot parse
+        raise _unreadable(path, what, err) from err
+    _check_array(data.shape, data.dtype, path, what)
+    return data
+
+
+def _check_image_file(path: Path, what: str = "image") -> None:
+    """What _read_image checks, reading only the header of a TIFF (stacks can be large)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        _read_image(path, what)
+        return
+    import tifffile
+
+    _check_readable(path, what)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ValueError("no image data")
+            series = tif.series[0]
+            shape, dtype = tuple(series.shape), series.dtype
+    except (ValueError, OSError) as err:
+        raise _unreadable(path, what, err) from err
+    _check_array(shape, dtype, path, what)
+
+
 def _gui(args) -> int:
+    # everything that can be checked is checked before a window opens
+    _check_model(args.model)
+    _check_checkpoint(args.checkpoint)
+    if args.image is not None:
+        _check_image_file(args.image)
     import napari
 
     open_gui(args.image, model=args.model, checkpoint=args.checkpoint, orientations=args.orientations)
@@ -192,35 +327,57 @@ def open_gui(
 def _segment(args) -> int:
     import numpy as np
 
-    from .io import read_image, write_labels
-    from .model import ImagePredictor, load_model
+    from .io import write_labels
+    from .model import ImagePredictor, InputError, load_model
     from .model.devices import pick_device
 
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
-    image = read_image(args.image)
+    _check_model(args.model)
+    _check_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    image = _read_image(args.image)
     points = args.point + args.negative
     labels = [1] * len(args.point) + [0] * len(args.negative)
-    model = load_model(_model_name(args), args.checkpoint, device=pick_device(args.device))
+    model = load_model(_model_name(args), args.checkpoint, device=device)
     predictor = ImagePredictor(model, fast=args.fast)
     predictor.set_image(image, intensity_range=args.range)
     result = predictor.predict(
         points=points or None, labels=labels or None, box=args.box, multimask_output=len(points) == 1 and args.box is None
     )
     masks = result.masks if result.masks.ndim == 2 else result.masks[int(np.argmax(result.iou))]
-    write_labels(args.output, masks.astype(np.uint16), overwrite=args.overwrite)
+    try:
+        write_labels(args.output, masks.astype(np.uint16), overwrite=args.overwrite)
+    except OSError as err:  # a folder that cannot be made or written to, a full disk
+        raise InputError(
+            f"cannot write {args.output} ({err.strerror or err}); choose a writable place with -o/--output"
+        ) from err
     print(f"wrote {args.output} ({int(masks.sum())} pixels, predicted IoU {float(np.max(result.iou)):.2f})")
     return 0
 
 
+def _read_pair(image_path: Path, label_path: Path):
+    """An image stack and its label stack, checked to match: (image, labels)."""
+    from .model import InputError
+
+    image = _read_image(image_path, "image")
+    labels = _read_image(label_path, "labels")
+    want = image.shape[:3] if image.ndim == 4 else image.shape
+    if labels.shape != want:
+        raise InputError(
+            f"labels {label_path} have shape {labels.shape}, but image {image_path} has shape {image.shape}; "
+            f"give the label stack made for this image (shape {want}, one label per pixel)"
+        )
+    return image, labels
+
+
 def _read_pairs(pairs, size: int) -> list:
-    from .io import read_image
     from .model.train import prepare_stack
 
     stacks = []
     for image_path, label_path in pairs:
         print(f"reading {image_path} with labels {label_path}")
-        stacks.append(prepare_stack(read_image(image_path), read_image(label_path), size, name=image_path.name))
+        stacks.append(prepare_stack(*_read_pair(image_path, label_path), size, name=image_path.name))
     return stacks
 
 
@@ -232,6 +389,8 @@ def _train(args) -> int:
 
     if not args.pair and args.synthetic <= 0:
         raise TrainingError("no data: give --pair IMAGE LABELS (repeatable) and/or --synthetic N")
+    _check_model(args.model)
+    device = pick_device(args.device)
     size = get_config(args.model).image_size
     stacks = _read_pairs(args.pair, size)
     stacks += [prepare_stack(*random_stack(s), size, name=f"seed {s}") for s in range(1000, 1000 + args.synthetic)]
@@ -239,7 +398,7 @@ def _train(args) -> int:
     cfg = TrainConfig(
         model=args.model, init=args.init, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         clip_length=args.clip_length, clips_per_step=args.clips_per_step, lr=lr,
-        val_fraction=args.val_fraction, seed=args.seed, device=str(pick_device(args.device)), bf16=args.bf16,
+        val_fraction=args.val_fraction, seed=args.seed, device=str(device), bf16=args.bf16,
     )
     train(cfg, stacks, args.out, resume=args.resume)
     return 0
@@ -248,19 +407,27 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     import numpy as np
 
-    from .io import read_image
-    from .model import load_model
+    from .model import InputError, load_model
     from .model.devices import pick_device
     from .model.ensemble import default_orientations
     from .model.evaluate import click_and_propagate, slice_table
     from .sample_data import nuclei_3d
 
-    model = load_model(_model_name(args), args.checkpoint, device=pick_device(args.device))
-    orientations = args.orientations or default_orientations(model.config.name)
-    data = [(f"{p[0].name}", read_image(p[0]), read_image(p[1])) for p in args.pair]
+    if not args.pair and not args.synthetic_seeds:
+        raise InputError("no data: give --pair IMAGE LABELS and/or --synthetic-seeds SEED ...")
+    _check_model(args.model)
+    _check_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    # the files are read and checked before the (maybe slow) model load
+    data = []
+    for image_path, label_path in args.pair:
+        image, labels = _read_pair(image_path, label_path)
+        if not labels.any():
+            raise InputError(f"labels {label_path} are all background (0); there is no object to evaluate")
+        data.append((image_path.name, image, labels))
     data += [(f"nuclei seed {s}", *nuclei_3d(seed=s)) for s in args.synthetic_seeds]
-    if not data:
-        raise FileNotFoundError("no data: give --pair IMAGE LABELS and/or --synthetic-seeds SEED ...")
+    model = load_model(_model_name(args), args.checkpoint, device=device)
+    orientations = args.orientations or default_orientations(model.config.name)
     everything = []
     for name, image, labels in data:
         scores = click_and_propagate(model, image, labels, fast=args.fast, orientations=orientations)

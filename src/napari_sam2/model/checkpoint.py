@@ -4,12 +4,19 @@ Downloads go through pooch, which writes to a temporary file in the cache
 folder and moves it into place only after the SHA-256 sum matched, so an
 interrupted or corrupt download never leaves a file that looks complete.
 
+Official files are checked against the SHA-256 sums Meta published (pinned in
+:data:`CHECKPOINTS`), on download and again before a cached file is first used.
+A verified file gets a small ``<file>.verified`` record of its size, modification
+time and sum, so later loads do not read gigabytes to hash it again unless the
+file changed.
+
 Loading is strict (``weights_only=True`` and ``strict=True``). A file that does
 not fit the requested model gets an error that says what it looks like.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +46,12 @@ _BASE_21 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """An official checkpoint file.
+    """An official checkpoint file and its published SHA-256 sum.
 
-    ``sha256`` is ``None`` where no published sum could be confirmed; such a
-    file is still downloaded atomically, and the sum pooch computes is
-    written beside it (``<file>.sha256``) so that later loads can be checked
-    against the first download.
+    ``sha256=None`` (only for entries a user registers without a known sum)
+    falls back to trust on first use: the file is still downloaded atomically,
+    and the sum of the first download is written beside it (``<file>.sha256``)
+    so that later loads are checked against it.
     """
 
     url: str
@@ -55,9 +62,21 @@ class CheckpointInfo:
         return self.url.rsplit("/", 1)[-1]
 
 
+# SHA-256 sums as published by Meta for the files under 072824/ (SAM 2.0) and 092824/ (SAM 2.1)
+_PUBLISHED_SHA256 = {
+    "sam2_hiera_tiny": "65b50056e05bcb13694174f51bb6da89c894b57b75ccdf0ba6352c597c5d1125",
+    "sam2_hiera_small": "95949964d4e548409021d47b22712d5f1abf2564cc0c3c765ba599a24ac7dce3",
+    "sam2_hiera_base_plus": "d0bb7f236400a49669ffdd1be617959a8b1d1065081789d7bbff88eded3a8071",
+    "sam2_hiera_large": "7442e4e9b732a508f80e141e7c2913437a3610ee0c77381a66658c3a445df87b",
+    "sam2.1_hiera_tiny": "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
+    "sam2.1_hiera_small": "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
+    "sam2.1_hiera_base_plus": "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5",
+    "sam2.1_hiera_large": "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
+}
+
 CHECKPOINTS: Dict[str, CheckpointInfo] = {
-    **{f"sam2_hiera_{s}": CheckpointInfo(f"{_BASE_20}sam2_hiera_{s}.pt") for s in ("tiny", "small", "base_plus", "large")},
-    **{f"sam2.1_hiera_{s}": CheckpointInfo(f"{_BASE_21}sam2.1_hiera_{s}.pt") for s in ("tiny", "small", "base_plus", "large")},
+    name: CheckpointInfo(f"{_BASE_21 if name.startswith('sam2.1_') else _BASE_20}{name}.pt", sha256=digest)
+    for name, digest in _PUBLISHED_SHA256.items()
 }
 
 
@@ -127,6 +146,10 @@ def fetch_checkpoint(
     Returns the local path. Raises :class:`CheckpointError` with the URL and the
     place to put the file by hand when the download fails, and when the
     downloaded bytes do not match ``sha256`` (nothing is left in the cache then).
+    A file already in ``folder`` is used only if its sum is ``sha256``; it is
+    hashed once and then again only when its size, modification time or inode
+    changed. One that does not match is refused (never silently replaced) with
+    a message saying how to download it again.
     """
     import pooch
 
@@ -139,8 +162,10 @@ def fetch_checkpoint(
         except ImportError:  # pooch needs tqdm for its bar
             progressbar = False
     known = f"sha256:{sha256}" if sha256 else None
-    if target.exists() and known is None:
-        _check_recorded_sum(target)
+    if target.exists():
+        # checked here, not by pooch: pooch would hash the whole file on every call and
+        # silently download over a file that does not match
+        _check_cached(target, url, sha256)
         return target
     try:
         path = pooch.retrieve(
@@ -165,6 +190,8 @@ def fetch_checkpoint(
     path = Path(path)
     if known is None:
         _record_sum(path)
+    else:  # pooch has just checked the sum
+        _record_verified(path, sha256)
     return path
 
 
@@ -177,20 +204,73 @@ def _sha256(path: Path) -> str:
 def _record_sum(path: Path) -> None:
     side = path.with_name(path.name + ".sha256")
     if not side.exists():
+        digest = _sha256(path)
         tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(_sha256(path) + "\n")
+        tmp.write_text(digest + "\n")
         os.replace(tmp, side)
+        _record_verified(path, digest)
 
 
-def _check_recorded_sum(path: Path) -> None:
+def _check_cached(path: Path, url: str, sha256: Optional[str]) -> None:
+    """Refuse a cached file whose sum is not the expected one.
+
+    With a published ``sha256`` that sum decides, whatever an older
+    trust-on-first-use record (``<file>.sha256``) says; without one the
+    recorded sum of the first download does, if there is one.
+    """
+    if sha256:
+        if _verified_unchanged(path, sha256):
+            return
+        actual = _sha256(path)
+        if actual != sha256:
+            name = next((n for n, info in CHECKPOINTS.items() if info.url == url), None)
+            again = f"run `napari-sam2 fetch {name}`" if name else f"fetch {url} again"
+            raise CheckpointError(
+                f"the cached checkpoint {path} is not the published file (its SHA-256 sum is {actual}, "
+                f"expected {sha256}); it may be damaged, or an unchecked download kept from an older "
+                f"version of napari-sam2. Delete {path} and {again} to download it again."
+            )
+        _record_verified(path, sha256)
+        return
     side = path.with_name(path.name + ".sha256")
     if side.exists():
         expected = side.read_text().strip()
-        if expected and _sha256(path) != expected:
-            raise CheckpointError(
-                f"{path} changed since it was downloaded (SHA-256 differs from {side}); "
-                "delete both files to download it again."
-            )
+        if expected and not _verified_unchanged(path, expected):
+            if _sha256(path) != expected:
+                raise CheckpointError(
+                    f"{path} changed since it was downloaded (SHA-256 differs from {side}); "
+                    "delete both files to download it again."
+                )
+            _record_verified(path, expected)
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _file_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _record_verified(path: Path, sha256: str) -> None:
+    """Note that ``path``, as it is now (size, modification time, inode), has sum ``sha256``."""
+    stamp = _stamp_path(path)
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps({**_file_stamp(path), "sha256": sha256}) + "\n")
+        os.replace(tmp, stamp)
+    except OSError:  # a read-only cache: the file is simply hashed again next time
+        pass
+
+
+def _verified_unchanged(path: Path, sha256: str) -> bool:
+    """Whether ``path`` was verified to have sum ``sha256`` and has not changed since."""
+    try:
+        record = json.loads(_stamp_path(path).read_text())
+        return isinstance(record, dict) and record == {**_file_stamp(path), "sha256": sha256}
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------- reading and checking

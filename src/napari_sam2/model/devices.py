@@ -7,22 +7,48 @@ from typing import Optional, Union
 
 import torch
 
+from .preprocess import InputError
+
 
 def pick_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; explicit names are checked."""
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; explicit names are checked.
+
+    A name this machine cannot use raises :class:`InputError` (a ``ValueError``)
+    that says what is available instead.
+    """
     name = "auto" if device is None else str(device)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("CUDA was asked for but PyTorch sees no CUDA device; use device='cpu' or 'auto'")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("Apple MPS was asked for but is not available; use device='cpu' or 'auto'")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:  # torch's message lists every backend it knows; keep it short
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda (or cuda:N) or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"device {name!r} was asked for, but CUDA is not available on this machine "
+                "(PyTorch sees no CUDA GPU); use device 'cpu' or 'auto' (--device cpu / --device auto)"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InputError(
+                f"device {name!r} was asked for, but this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1}); use one of those, or 'auto'"
+            )
+    if dev.type == "mps" and not _mps_available():
+        raise InputError(
+            f"device {name!r} was asked for, but Apple MPS is not available on this machine; "
+            "use device 'cpu' or 'auto' (--device cpu / --device auto)"
+        )
     return dev
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
