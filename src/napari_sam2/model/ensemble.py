@@ -30,7 +30,7 @@ from .config import ORIENTATION_CHOICES
 from .frames import FrameSource
 from .preprocess import InputError
 from .sam2 import FrameFeatures, SAM2Model
-from .video import StackSession, low_res_to_slice
+from .video import StackSession, low_res_to_slice, run_sweeps
 
 __all__ = [
     "ORIENTATIONS", "ORIENTATION_CHOICES", "EnsembleSession", "OrientedFrames",
@@ -195,13 +195,15 @@ class EnsembleSession:
                 f.pos[i : i + 1].float().clone(),
             ))
 
-    def _combine(self, lows: Sequence[torch.Tensor], return_logits: bool) -> Dict[int, np.ndarray]:
+    def _mean(self, lows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The members' low-resolution logits turned back to the caller's orientation and averaged."""
         if len(lows) == 1:
-            mean = lows[0]
-        else:
-            mean = sum(unorient(low.clamp(-LOGIT_CLAMP, LOGIT_CLAMP), k, f) for low, (k, f) in zip(lows, self.orientations))
-            mean = mean / len(lows)
-        return low_res_to_slice(mean, self.obj_ids, (self.height, self.width), self.non_overlap, return_logits)
+            return lows[0]
+        mean = sum(unorient(low.clamp(-LOGIT_CLAMP, LOGIT_CLAMP), k, f) for low, (k, f) in zip(lows, self.orientations))
+        return mean / len(lows)
+
+    def _combine(self, lows: Sequence[torch.Tensor], return_logits: bool) -> Dict[int, np.ndarray]:
+        return low_res_to_slice(self._mean(lows), self.obj_ids, (self.height, self.width), self.non_overlap, return_logits)
 
     # ------------------------------------------------------------------ prompts
 
@@ -258,10 +260,35 @@ class EnsembleSession:
         *,
         start: Optional[int] = None,
         frame_range: Optional[Tuple[int, int]] = None,
+        obj_ids: Optional[Sequence[int]] = None,
+        object_ranges: Optional[Dict[int, Tuple[int, int]]] = None,
+        stop_after_absent: Optional[int] = None,
         return_logits: bool = False,
     ) -> Iterator[Tuple[int, Dict[int, np.ndarray]]]:
-        """As :meth:`StackSession.propagate`: every orientation advances one slice at a time."""
-        runs = [m.propagate(direction, start=start, frame_range=frame_range, return_logits=True) for m in self.members]
-        for items in zip(*runs):
-            frame = items[0][0]
-            yield frame, self._combine([low for _, low in items], return_logits)
+        """As :meth:`StackSession.propagate`: every orientation advances one slice at a time,
+        and an object stops early where the orientations' mean object score says absent."""
+        for frame, ids, low, _scores in self.propagate_logits(
+            direction, start=start, frame_range=frame_range, obj_ids=obj_ids,
+            object_ranges=object_ranges, stop_after_absent=stop_after_absent,
+        ):
+            yield frame, low_res_to_slice(low, ids, (self.height, self.width), self.non_overlap, return_logits)
+
+    def propagate_logits(self, direction: str = "both", *, stop_after_absent: Optional[int] = None, **plan_kwargs):
+        """As :meth:`StackSession.propagate_logits`, with the orientations' mean logits."""
+        for m in self.members:
+            m.commit()
+        sweeps = self.members[0].plan(direction, **plan_kwargs)
+        yield from run_sweeps(self.members[0], sweeps, self.step, stop_after_absent)
+
+    def step(self, frame: int, obj_ids: Sequence[int], reverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`StackSession.step`: mean logits and mean object scores of the orientations."""
+        lows, scores = [], []
+        for m in self.members:
+            low, score = m.step(frame, obj_ids, reverse)
+            lows.append(low)
+            scores.append(score)
+        return self._mean(lows), torch.stack(scores).mean(0)
+
+    def skipped_frames(self, obj_id: int) -> List[int]:
+        """As :meth:`StackSession.skipped_frames` (recorded on the first orientation)."""
+        return self.members[0].skipped_frames(obj_id)

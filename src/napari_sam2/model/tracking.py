@@ -104,6 +104,87 @@ def select_pointers(
     return pos, ptrs, max_ptrs
 
 
+@dataclass
+class Memory:
+    """The memory one object attends to on one frame.
+
+    tokens / pos: 1 M mem_dim (spatial memories first, then object-pointer tokens);
+    num_ptr_tokens: how many of the last tokens are object pointers (no RoPE).
+    """
+
+    tokens: torch.Tensor
+    pos: torch.Tensor
+    num_ptr_tokens: int
+
+    @property
+    def layout(self) -> Tuple[int, int]:
+        """(tokens, pointer tokens): memories with the same layout can share a batch."""
+        return self.tokens.shape[1], self.num_ptr_tokens
+
+
+def gather_memory(
+    model: SAM2Model,
+    feats: FrameFeatures,
+    frame_idx: int,
+    cond: Dict[int, FrameOutput],
+    non_cond: Dict[int, FrameOutput],
+    maskmem_pos: torch.Tensor,
+    reverse: bool,
+    num_frames: int,
+    use_pointers: bool = True,
+) -> Memory:
+    """Spatial memories and object pointers of one object for one frame, as tokens."""
+    x = feats.image_embed
+    c = x.shape[1]
+    device = x.device
+    mems, mem_pos = [], []
+    for t_pos, out in select_memories(model, frame_idx, cond, non_cond, reverse):
+        # stored in bfloat16; promoted explicitly (the reference relies on torch.cat
+        # promotion, which fails on float32 when no object pointer joins the memory)
+        m = out.maskmem_features.to(device=device, dtype=x.dtype if x.dtype != torch.bfloat16 else torch.float32)
+        mems.append(m.flatten(2).transpose(1, 2))  # 1 hw mem_dim
+        tpos = model.maskmem_tpos_enc[model.num_maskmem - t_pos - 1].view(1, 1, -1)
+        mem_pos.append(maskmem_pos + tpos)
+    pos, ptrs, max_ptrs = (
+        select_pointers(model, frame_idx, cond, non_cond, reverse, num_frames) if use_pointers else ([], [], 0)
+    )
+    num_ptr_tokens = 0
+    if ptrs:
+        cfg = model.config
+        obj_ptrs = torch.stack([p.to(device) for p in ptrs], dim=1)  # 1 P C
+        if cfg.add_tpos_enc_to_obj_ptrs:
+            tpos_dim = c if cfg.proj_tpos_enc_in_obj_ptrs else model.mem_dim
+            rel = torch.tensor(pos, device=device, dtype=torch.float32) / (max_ptrs - 1)
+            ptr_pos = model.obj_ptr_tpos_proj(sine_position_encoding_1d(rel, tpos_dim)).unsqueeze(0)  # 1 P mem_dim
+        else:
+            ptr_pos = obj_ptrs.new_zeros(1, len(ptrs), model.mem_dim)
+        split = c // model.mem_dim
+        if split > 1:  # each pointer becomes `split` tokens of mem_dim channels
+            obj_ptrs = obj_ptrs.reshape(1, len(ptrs), split, model.mem_dim).flatten(1, 2)
+            ptr_pos = ptr_pos.repeat_interleave(split, dim=1)
+        mems.append(obj_ptrs)
+        mem_pos.append(ptr_pos)
+        num_ptr_tokens = obj_ptrs.shape[1]
+    # bfloat16 memories are promoted by the concatenation
+    return Memory(torch.cat(mems, dim=1), torch.cat(mem_pos, dim=1), num_ptr_tokens)
+
+
+def attend_to_memory(model: SAM2Model, feats: FrameFeatures, memories: List[Memory]) -> torch.Tensor:
+    """The frame's lowest-level features after attending to each memory: B C h w (one row
+    per memory). All memories must have the same layout (see :attr:`Memory.layout`)."""
+    x = feats.image_embed  # 1 C h w
+    _, c, h, w = x.shape
+    b = len(memories)
+    if len({m.layout for m in memories}) != 1:
+        raise ValueError("memories of different layouts cannot share a batch")
+    memory = torch.cat([m.tokens for m in memories]) if b > 1 else memories[0].tokens
+    memory_pos = torch.cat([m.pos for m in memories]) if b > 1 else memories[0].pos
+    curr = x.flatten(2).transpose(1, 2).expand(b, -1, -1)  # B hw C
+    curr_pos = feats.pos.flatten(2).transpose(1, 2).expand(b, -1, -1)
+    out = model.memory_attention(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens=memories[0].num_ptr_tokens)
+    return out.transpose(1, 2).reshape(b, c, h, w)
+
+
 def memory_conditioned_features(
     model: SAM2Model,
     feats: FrameFeatures,
@@ -124,42 +205,48 @@ def memory_conditioned_features(
     b, c, h, w = x.shape
     if is_init_cond_frame:  # nothing to remember yet
         return x + model.no_mem_embed.view(1, c, 1, 1)
-    device = x.device
-    mems, mem_pos = [], []
-    for t_pos, out in select_memories(model, frame_idx, cond, non_cond, reverse):
-        # stored in bfloat16; promoted explicitly (the reference relies on torch.cat
-        # promotion, which fails on float32 when no object pointer joins the memory)
-        m = out.maskmem_features.to(device=device, dtype=x.dtype if x.dtype != torch.bfloat16 else torch.float32)
-        mems.append(m.flatten(2).transpose(1, 2).expand(b, -1, -1))  # B hw mem_dim
-        tpos = model.maskmem_tpos_enc[model.num_maskmem - t_pos - 1].view(1, 1, -1)
-        mem_pos.append((maskmem_pos + tpos).expand(b, -1, -1))
-    pos, ptrs, max_ptrs = (
-        select_pointers(model, frame_idx, cond, non_cond, reverse, num_frames) if use_pointers else ([], [], 0)
+    mem = gather_memory(model, feats, frame_idx, cond, non_cond, maskmem_pos, reverse, num_frames, use_pointers)
+    if b > 1:  # several frames (training) attend to one object's memory
+        mem = Memory(mem.tokens.expand(b, -1, -1), mem.pos.expand(b, -1, -1), mem.num_ptr_tokens)
+        curr = x.flatten(2).transpose(1, 2)
+        curr_pos = feats.pos.flatten(2).transpose(1, 2)
+        out = model.memory_attention(curr, curr_pos, mem.tokens, mem.pos, num_obj_ptr_tokens=mem.num_ptr_tokens)
+        return out.transpose(1, 2).reshape(b, c, h, w)
+    return attend_to_memory(model, feats, [mem])
+
+
+def track_objects(
+    model: SAM2Model,
+    feats: FrameFeatures,
+    frame_idx: int,
+    banks: List[Tuple[Dict[int, FrameOutput], Dict[int, FrameOutput]]],
+    maskmem_pos: torch.Tensor,
+    reverse: bool,
+    num_frames: int,
+) -> Tuple[HeadsOutput, torch.Tensor]:
+    """Track several objects on one frame from their memories, in batches.
+
+    banks: one (cond, non_cond) memory bank per object. Objects whose memories have
+    the same layout go through memory attention together; the SAM heads and the
+    memory encoder then take all of them as one batch. Returns the heads' output
+    and the new memories (B mem_dim h w), one row per object in the order given.
+    """
+    memories = [gather_memory(model, feats, frame_idx, c, n, maskmem_pos, reverse, num_frames) for c, n in banks]
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    for i, m in enumerate(memories):
+        groups.setdefault(m.layout, []).append(i)
+    pix = [None] * len(memories)
+    for rows in groups.values():
+        out = attend_to_memory(model, feats, [memories[i] for i in rows])
+        for j, i in enumerate(rows):
+            pix[i] = out[j : j + 1]
+    heads = model.forward_sam_heads(
+        torch.cat(pix) if len(pix) > 1 else pix[0],
+        high_res_features=feats.high_res,
+        multimask_output=use_multimask(model, False, None),
     )
-    num_ptr_tokens = 0
-    if ptrs:
-        cfg = model.config
-        obj_ptrs = torch.stack([p.to(device) for p in ptrs], dim=1).expand(b, -1, -1)  # B P C
-        if cfg.add_tpos_enc_to_obj_ptrs:
-            tpos_dim = c if cfg.proj_tpos_enc_in_obj_ptrs else model.mem_dim
-            rel = torch.tensor(pos, device=device, dtype=torch.float32) / (max_ptrs - 1)
-            ptr_pos = model.obj_ptr_tpos_proj(sine_position_encoding_1d(rel, tpos_dim))  # P mem_dim
-            ptr_pos = ptr_pos.unsqueeze(0).expand(b, -1, -1)
-        else:
-            ptr_pos = obj_ptrs.new_zeros(b, len(ptrs), model.mem_dim)
-        split = c // model.mem_dim
-        if split > 1:  # each pointer becomes `split` tokens of mem_dim channels
-            obj_ptrs = obj_ptrs.reshape(b, len(ptrs), split, model.mem_dim).flatten(1, 2)
-            ptr_pos = ptr_pos.repeat_interleave(split, dim=1)
-        mems.append(obj_ptrs)
-        mem_pos.append(ptr_pos)
-        num_ptr_tokens = obj_ptrs.shape[1]
-    memory = torch.cat(mems, dim=1)  # B M mem_dim (bfloat16 memories are promoted)
-    memory_pos = torch.cat(mem_pos, dim=1)
-    curr = x.flatten(2).transpose(1, 2)  # B hw C
-    curr_pos = feats.pos.flatten(2).transpose(1, 2)
-    out = model.memory_attention(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens=num_ptr_tokens)
-    return out.transpose(1, 2).reshape(b, c, h, w)
+    mem = encode_memory(model, feats, heads.high_res_masks, heads.object_score_logits, from_clicks=False)
+    return heads, mem
 
 
 def use_multimask(model: SAM2Model, is_init_cond_frame: bool, prompt: Optional[PointPrompt]) -> bool:

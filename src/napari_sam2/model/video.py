@@ -30,11 +30,12 @@ from .tracking import (
     PointPrompt,
     encode_memory,
     maskmem_pos_tokens,
+    track_objects,
     track_step,
     upsample_to_model,
 )
 
-__all__ = ["StackSession", "FeatureCache", "ObjectState"]
+__all__ = ["StackSession", "FeatureCache", "ObjectState", "Sweep", "run_sweeps"]
 
 
 def low_res_to_slice(
@@ -46,6 +47,60 @@ def low_res_to_slice(
         full = non_overlapping(full)
     full = full[:, 0].cpu().numpy()
     return {oid: (full[i] if return_logits else full[i] > 0) for i, oid in enumerate(obj_ids)}
+
+
+@dataclass
+class Sweep:
+    """One pass through the stack in one direction.
+
+    starts: {obj_id: the slice where the object begins}; ends: {obj_id: the last slice
+    it may reach}. Objects join the sweep at their start, so each is tracked only from
+    its own anchor, and all objects on a slice step together.
+    """
+
+    reverse: bool
+    starts: Dict[int, int]
+    ends: Dict[int, int]
+
+    @property
+    def frames(self) -> List[int]:
+        if self.reverse:
+            return list(range(max(self.starts.values()), min(self.ends.values()) - 1, -1))
+        return list(range(min(self.starts.values()), max(self.ends.values()) + 1))
+
+    def active(self, frame: int, obj_id: int) -> bool:
+        s, e = self.starts[obj_id], self.ends[obj_id]
+        return e <= frame <= s if self.reverse else s <= frame <= e
+
+
+def run_sweeps(session, sweeps: Sequence[Sweep], step, stop_after_absent: Optional[int] = None):
+    """Drive ``step(frame, obj_ids, reverse) -> (B 1 h w logits, B scores)`` through the
+    sweeps; yields (frame, obj_ids, logits, scores). An object stops in a sweep after
+    ``stop_after_absent`` consecutive slices with a non-positive object score; the slices
+    it then leaves out are recorded as skipped (``session.objects[i].skipped``)."""
+    if stop_after_absent is not None and int(stop_after_absent) < 1:
+        raise InputError(f"stop_after_absent must be at least 1 (or None: never stop), got {stop_after_absent}")
+    for sweep in sweeps:
+        absent = {i: 0 for i in sweep.starts}
+        stopped: set = set()
+        for i in sweep.starts:
+            if i in session.objects:
+                frames = [f for f in sweep.frames if sweep.active(f, i)]
+                session.objects[i].skipped.difference_update(frames)
+        for frame in sweep.frames:
+            ids = [i for i in sweep.starts if sweep.active(frame, i) and i in session.objects]
+            for i in [i for i in ids if i in stopped]:
+                session.objects[i].skipped.add(frame)
+            ids = [i for i in ids if i not in stopped]
+            if not ids:
+                continue
+            low, scores = step(frame, ids, sweep.reverse)
+            if stop_after_absent is not None:
+                for i, sc in zip(ids, scores.tolist()):
+                    absent[i] = absent[i] + 1 if sc <= 0 else 0
+                    if absent[i] >= stop_after_absent:
+                        stopped.add(i)
+            yield frame, ids, low, scores
 
 
 class FeatureCache:
@@ -91,6 +146,7 @@ class ObjectState:
     pending_cond: Dict[int, FrameOutput] = field(default_factory=dict)  # prompted, memory not encoded yet
     pending_non_cond: Dict[int, FrameOutput] = field(default_factory=dict)
     tracked: Dict[int, bool] = field(default_factory=dict)  # frame -> tracked in reverse?
+    skipped: set = field(default_factory=set)  # frames the last propagation left out (early stop)
 
     def latest(self, frame: int) -> Optional[FrameOutput]:
         for d in (self.pending_cond, self.pending_non_cond, self.cond, self.non_cond):
@@ -304,8 +360,9 @@ class StackSession:
             obj.pending_non_cond.pop(frame, None)
         return self._frame_result(frame, return_logits)
 
-    def _compact(self, low_res, obj_ptr, score, maskmem) -> FrameOutput:
-        low_res = fill_holes(low_res.float(), self.fill_hole_area)
+    def _compact(self, low_res, obj_ptr, score, maskmem, filled: bool = False) -> FrameOutput:
+        if not filled:
+            low_res = fill_holes(low_res.float(), self.fill_hole_area)
         st = self.storage_device
         return FrameOutput(
             pred_masks=low_res.to(st),
@@ -387,28 +444,58 @@ class StackSession:
                     out.maskmem_features = None
                     out.pred_masks = None
 
-    def _order(self, direction: str, start: Optional[int], frame_range) -> List[Tuple[List[int], bool]]:
+    def plan(
+        self,
+        direction: str = "both",
+        *,
+        start: Optional[int] = None,
+        frame_range: Optional[Tuple[int, int]] = None,
+        obj_ids: Optional[Sequence[int]] = None,
+        object_ranges: Optional[Dict[int, Tuple[int, int]]] = None,
+    ) -> List["Sweep"]:
+        """The sweeps a propagation makes: which objects step on which slices, in order.
+
+        Without ``start`` every object is tracked from its own anchor, its first
+        prompted slice inside the range: forward from the anchor, backward from it
+        ("backward"), or backward from the slice before it ("both", whose forward
+        sweep already gave the anchor). With ``start`` every object starts there (the
+        reference's semantics). ``object_ranges`` limits objects to (first, last) slices.
+        """
+        if direction not in ("forward", "backward", "both"):
+            raise InputError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
         lo, hi = 0, self.num_frames - 1
         if frame_range is not None:
             lo, hi = (self._check_frame(int(v)) for v in frame_range)
             if hi < lo:
                 raise InputError(f"frame_range must be (first, last) with first <= last, got {frame_range}")
-        if start is None:
-            prompted = [t for o in self.objects.values() for t in o.cond if lo <= t <= hi]
-            if not prompted:
-                raise InputError(f"no prompted slice inside the range {lo}..{hi}")
-            start = min(prompted)
-        start = self._check_frame(start)
-        if direction not in ("forward", "backward", "both"):
-            raise InputError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
-        passes = []
+        ids = self.obj_ids if obj_ids is None else [int(i) for i in obj_ids]
+        for i in ids:
+            self._object(i)  # unknown ids are refused with a clear message
+        if start is not None:
+            start = self._check_frame(start)
+        limits: Dict[int, Tuple[int, int]] = {}
+        anchors: Dict[int, int] = {}
+        for i in ids:
+            a, b = lo, hi
+            if object_ranges and i in object_ranges:
+                a, b = (int(v) for v in object_ranges[i])
+                a, b = max(a, lo), min(b, hi)
+            own = [t for t in self.objects[i].cond if a <= t <= b]
+            anchor = start if start is not None else (min(own) if own else None)
+            if anchor is None or not a <= anchor <= b:
+                continue  # no prompt of this object inside its range: not tracked now
+            limits[i], anchors[i] = (a, b), anchor
+        if not anchors:
+            raise InputError(f"no prompted slice inside the range {lo}..{hi} for the objects asked for")
+        sweeps = []
         if direction in ("forward", "both"):
-            passes.append((list(range(start, hi + 1)), False))
-        if direction in ("backward", "both") and start > lo:
-            # "both" already yielded the start slice in its forward pass
-            first = start - 1 if direction == "both" else start
-            passes.append((list(range(first, lo - 1, -1)), True))
-        return passes
+            sweeps.append(Sweep(False, {i: anchors[i] for i in anchors}, {i: limits[i][1] for i in anchors}))
+        if direction in ("backward", "both"):
+            first = {i: anchors[i] - (1 if direction == "both" else 0) for i in anchors}
+            first = {i: f for i, f in first.items() if f >= limits[i][0]}
+            if first:
+                sweeps.append(Sweep(True, first, {i: limits[i][0] for i in first}))
+        return sweeps
 
     def propagate(
         self,
@@ -416,39 +503,82 @@ class StackSession:
         *,
         start: Optional[int] = None,
         frame_range: Optional[Tuple[int, int]] = None,
+        obj_ids: Optional[Sequence[int]] = None,
+        object_ranges: Optional[Dict[int, Tuple[int, int]]] = None,
+        stop_after_absent: Optional[int] = None,
         return_logits: bool = False,
     ) -> Iterator[Tuple[int, Dict[int, np.ndarray]]]:
-        """Track every object from the prompted slices; yields (slice, {obj_id: mask}).
+        """Track objects from their prompted slices; yields (slice, {obj_id: mask}).
 
-        direction: "forward" (increasing index), "backward" or "both" (forward
-        first, then backward from the start). start: the first slice (default:
-        the first prompted slice in range). frame_range: (first, last) inclusive
-        slices to stay within. Stop iterating at any time: slices already
-        yielded stay valid, and the session can propagate again later.
+        direction: "forward" (increasing index), "backward" or "both". Each object
+        is tracked from its own first prompted slice (see :meth:`plan`); start: one
+        first slice for all objects instead. frame_range: (first, last) inclusive
+        slices to stay within; object_ranges: {obj_id: (first, last)} per object.
+        obj_ids: track only these objects (default: all). stop_after_absent: stop
+        tracking an object in a direction after this many consecutive slices where
+        the model says it is absent (None: never); the slices left out are listed by
+        :meth:`skipped_frames` and a later propagation can still fill them.
+        Each yielded dict holds the objects computed on that slice. All objects that
+        step on a slice go through the model as one batch. Stop iterating at any
+        time: slices already yielded stay valid, and the session can propagate again.
         """
+        for frame, ids, low, _scores in self.propagate_logits(
+            direction, start=start, frame_range=frame_range, obj_ids=obj_ids,
+            object_ranges=object_ranges, stop_after_absent=stop_after_absent,
+        ):
+            yield frame, low_res_to_slice(low, ids, (self.height, self.width), self.non_overlap, return_logits)
+
+    def propagate_logits(self, direction: str = "both", *, stop_after_absent: Optional[int] = None, **plan_kwargs):
+        """As :meth:`propagate`, yielding (slice, obj_ids, B 1 4h 4w low-resolution logits,
+        B object-score logits) on the CPU instead of masks."""
+        with torch.inference_mode():
+            self.commit()
+            sweeps = self.plan(direction, **plan_kwargs)
+        yield from run_sweeps(self, sweeps, self.step, stop_after_absent)
+
+    def commit(self) -> None:
+        """Encode the memories of prompted slices (done by every propagation)."""
         with torch.inference_mode():
             self._commit_pending()
-            passes = self._order(direction, start, frame_range)
-        for order, reverse in passes:
-            for frame in order:
-                with torch.inference_mode():
-                    result = self._propagate_frame(frame, reverse, return_logits)
-                yield frame, result  # no grad mode is held while the caller runs
 
-    def _propagate_frame(self, frame: int, reverse: bool, return_logits: bool) -> Dict[int, np.ndarray]:
-        lows = []
-        for obj in self.objects.values():
+    def step(self, frame: int, obj_ids: Sequence[int], reverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Track ``obj_ids`` on one slice (prompted slices keep their result): returns
+        (B 1 4h 4w low-resolution logits, B object-score logits), on the CPU.
+        Objects that step together go through the model as one batch."""
+        frame = self._check_frame(frame)
+        objs = [self.objects[i] for i in obj_ids]
+        lows: List[Optional[torch.Tensor]] = [None] * len(objs)
+        scores: List[Optional[torch.Tensor]] = [None] * len(objs)
+        todo = []
+        for k, obj in enumerate(objs):
             if frame in obj.cond:  # prompted slice: keep its result
-                low = obj.cond[frame].pred_masks.to(self.device)
+                lows[k] = obj.cond[frame].pred_masks
+                scores[k] = obj.cond[frame].object_score_logits
             else:
-                low = self._track(obj, frame, reverse)
-            obj.tracked[frame] = reverse
-            lows.append(low.float())
-            self._prune(obj, frame, reverse)
-        return self._to_slice(torch.cat(lows, dim=0), return_logits)
+                todo.append(k)
+        with torch.inference_mode():
+            if todo:
+                feats = self.frame_features(frame)
+                with self._amp():
+                    heads, mem = track_objects(
+                        self.model, feats, frame, [(objs[k].cond, objs[k].non_cond) for k in todo],
+                        self._maskmem_pos_tokens(feats), reverse, self.num_frames,
+                    )
+                low_res = fill_holes(heads.low_res_masks.float(), self.fill_hole_area)
+                for j, k in enumerate(todo):
+                    out = self._compact(low_res[j : j + 1], heads.obj_ptr[j : j + 1],
+                                        heads.object_score_logits[j : j + 1], mem[j : j + 1], filled=True)
+                    objs[k].non_cond[frame] = out
+                    lows[k], scores[k] = out.pred_masks, out.object_score_logits
+            for obj in objs:
+                obj.tracked[frame] = reverse
+                self._prune(obj, frame, reverse)
+            low = torch.cat([t.float().cpu() for t in lows])
+            score = torch.cat([t.float().cpu().reshape(1) for t in scores])
+        return low, score
 
     def _step(self, obj: ObjectState, frame: int, reverse: bool, *, is_init=False, prompt=None, mask=None, prev=None):
-        """One tracking step of ``obj`` on ``frame``: (frame features, heads output)."""
+        """One prompted step of ``obj`` on ``frame``: (frame features, heads output)."""
         feats = self.frame_features(frame)
         with self._amp():
             heads = track_step(
@@ -459,13 +589,9 @@ class StackSession:
             )
         return feats, heads
 
-    def _track(self, obj: ObjectState, frame: int, reverse: bool) -> torch.Tensor:
-        feats, heads = self._step(obj, frame, reverse)
-        with self._amp():
-            mem = encode_memory(self.model, feats, heads.high_res_masks, heads.object_score_logits, from_clicks=False)
-        out = self._compact(heads.low_res_masks, heads.obj_ptr, heads.object_score_logits, mem)
-        obj.non_cond[frame] = out
-        return out.pred_masks
+    def skipped_frames(self, obj_id: int) -> List[int]:
+        """Slices the last propagation of ``obj_id`` left out (stopped early): empty there."""
+        return sorted(self._object(obj_id).skipped)
 
     # ------------------------------------------------------------------ accounting
 
