@@ -30,7 +30,7 @@ from .config import ORIENTATION_CHOICES
 from .frames import FrameSource
 from .preprocess import InputError
 from .sam2 import FrameFeatures, SAM2Model
-from .video import StackSession, low_res_to_slice, run_sweeps
+from .video import LabelSeeds, StackSession, low_res_to_slice, run_sweeps
 
 __all__ = [
     "ORIENTATIONS", "ORIENTATION_CHOICES", "EnsembleSession", "OrientedFrames",
@@ -131,7 +131,7 @@ class _Member(StackSession):
         return low_res.float().cpu()
 
 
-class EnsembleSession:
+class EnsembleSession(LabelSeeds):
     """A :class:`StackSession` run in ``orientations`` (1, 2, 4 or 8) orientations at once.
 
     Takes StackSession's arguments (frames, intensity_range, fill_hole_area,

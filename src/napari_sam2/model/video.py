@@ -35,7 +35,7 @@ from .tracking import (
     upsample_to_model,
 )
 
-__all__ = ["StackSession", "FeatureCache", "ObjectState", "Sweep", "run_sweeps"]
+__all__ = ["LabelSeeds", "StackSession", "FeatureCache", "ObjectState", "Sweep", "run_sweeps"]
 
 
 def low_res_to_slice(
@@ -159,7 +159,55 @@ class ObjectState:
         return sorted(set(self.points) | set(self.masks))
 
 
-class StackSession:
+class LabelSeeds:
+    """Prompts from existing label images (shared by every session kind).
+
+    A 2D result of StarDist or Cellpose, or an old 3D segmentation, becomes the mask
+    prompts of tracked objects: each nonzero label is the object of that id.
+    """
+
+    def add_labels(self, frame: int, label_slice, *, return_logits: bool = False) -> Dict[int, np.ndarray]:
+        """Every nonzero label on one slice (H x W integers) becomes the mask prompt of the
+        object with that id; returns the slice's masks as :meth:`add_mask` does."""
+        lab = np.asarray(label_slice)
+        if lab.shape != (self.height, self.width):
+            raise InputError(f"the label slice must have the slice's shape {(self.height, self.width)}, got {lab.shape}")
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise InputError(f"labels must be integers (0 background, 1, 2, ... objects), got dtype {lab.dtype}")
+        ids = [int(i) for i in np.unique(lab) if i > 0]
+        if not ids:
+            raise InputError(f"the label slice {frame} holds no object (only background 0)")
+        out: Dict[int, np.ndarray] = {}
+        for i in ids:
+            out = self.add_mask(frame, i, lab == i, return_logits=return_logits)
+        return out
+
+    def add_label_volume(self, labels) -> Dict[int, int]:
+        """Each object of a label volume (N x H x W, the stack's shape) is prompted with its
+        mask on the slice where it is largest; returns {obj_id: that slice}."""
+        vol = np.asarray(labels)
+        if vol.shape != (self.num_frames, self.height, self.width):
+            raise InputError(
+                f"the label volume must have the stack's shape {(self.num_frames, self.height, self.width)}, got {vol.shape}"
+            )
+        if not np.issubdtype(vol.dtype, np.integer):
+            raise InputError(f"labels must be integers (0 background, 1, 2, ... objects), got dtype {vol.dtype}")
+        values, inverse = np.unique(vol, return_inverse=True)
+        inverse = inverse.reshape(vol.shape[0], -1)
+        areas = np.stack([np.bincount(row, minlength=len(values)) for row in inverse])  # slices x ids
+        if not (values > 0).any():
+            raise InputError("the label volume holds no object (only background 0)")
+        chosen = {}
+        for k, i in enumerate(values.tolist()):
+            if i <= 0:
+                continue
+            frame = int(np.argmax(areas[:, k]))
+            self.add_mask(frame, int(i), vol[frame] == i)
+            chosen[int(i)] = frame
+        return chosen
+
+
+class StackSession(LabelSeeds):
     """Interactive tracking of objects through the slices of a stack.
 
     model: a loaded :class:`SAM2Model` (its device is the compute device).
