@@ -93,3 +93,28 @@ def test_touching_nuclei_are_dimmer_where_they_meet():
     far = inner & ~ndimage.binary_dilation(contact, iterations=6)
     assert far.sum() > 1000
     np.testing.assert_allclose(img1[far].astype(int), img0[far].astype(int), atol=1)
+
+
+def test_reader_contribution(tmp_path):
+    """TIFF files open through the plugin's reader with their calibration."""
+    import npe2
+    import tifffile
+
+    pm = npe2.PluginManager()
+    pm.discover()
+    pm.activate("napari-sam2")
+    manifest = pm.get_manifest("napari-sam2")
+    (reader,) = manifest.contributions.readers
+    assert set(reader.filename_patterns) == {"*.tif", "*.tiff"} and not reader.accepts_directories
+    command = next(c for c in manifest.contributions.commands if c.id == reader.command)
+    assert command.python_name == "napari_sam2.io:napari_get_reader"
+
+    path = tmp_path / "img.TIF"
+    tifffile.imwrite(path, np.zeros((3, 8, 9), np.uint16), imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "ZYX", "spacing": 1.5, "unit": "um"})
+    assert reader.command in {r.command for r in pm.iter_compatible_readers([str(path)])}
+    # what napari does: napari_get_reader(path), then the function it returns
+    read = reader.exec(kwargs={"path": [str(path)], "stack": False}, _registry=pm.commands)
+    ((data, kwargs, kind),) = read([str(path)], stack=False)
+    assert kind == "image" and data.shape == (3, 8, 9)
+    assert tuple(kwargs["scale"]) == (1.5, 0.5, 0.5)
