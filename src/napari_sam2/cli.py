@@ -297,29 +297,26 @@ def open_gui(
     """
     import napari
 
-    from .io import read_image
+    from .io import layer_kwargs, read_image_file
     from .model.checkpoint import BUNDLED
     from .sample_data import make_nuclei_3d
-    from .widgets.sam2_widget import CHOOSE_FILE, SAM2Widget
+    from .widgets.sam2_widget import SAM2Widget
 
     if viewer is None:
         viewer = napari.Viewer(title="napari-sam2")
     if image is not None:
-        layer = viewer.add_image(read_image(image), name=Path(image).stem)
+        # the file's axes and calibration (voxel size, frame interval) become the layer's
+        im = read_image_file(image)
+        layer = viewer.add_image(im.data, **layer_kwargs(im))
+        if isinstance(layer, list):  # a channel axis: one layer per channel, the first one is segmented
+            layer = layer[0]
     else:
         data, meta, _ = make_nuclei_3d()[0]
         layer = viewer.add_image(data, **meta)
     widget = SAM2Widget(viewer)
     viewer.window.add_dock_widget(widget, name="SAM 2", area="right")
-    widget._image_combo.value = layer
-    if checkpoint is not None:
-        widget._model_combo.value = CHOOSE_FILE
-        widget._checkpoint.value = str(checkpoint)
-    elif model:
-        widget._model_combo.value = model
-    if orientations is not None:
-        widget._orientations.value = orientations
-    if checkpoint is None and widget._model_combo.value in BUNDLED:
+    widget.configure(image=layer, model=model, checkpoint=checkpoint, orientations=orientations)
+    if checkpoint is None and widget.model_choice in BUNDLED:
         widget.start()
     return viewer, widget
 

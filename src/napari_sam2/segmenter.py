@@ -8,7 +8,8 @@ Each fixed position gets its own :class:`~napari_sam2.model.video.StackSession`.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+import threading
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -62,7 +63,13 @@ class StackSegmenter:
     intensity_range: black..white mapping (napari's contrast limits);
     orientations: 1 for plain SAM 2 tracking, or 2, 4, 8 to track in that many
     orientations and average (:class:`~napari_sam2.model.ensemble.EnsembleSession`).
+    nonfinite: "error" or "background" for NaN / infinite voxels (see
+    :class:`~napari_sam2.model.frames.FrameSource`).
     Other keyword arguments go to each :class:`StackSession`.
+
+    Work on the sessions is serialised: every call holds one lock, and a propagation
+    holds it one slice at a time, so a click given while a propagation runs is done
+    between two slices (the propagation goes on with the objects it started with).
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class StackSegmenter:
         displayed: Tuple[int, int],
         intensity_range: Optional[Sequence[float]] = None,
         orientations: int = 1,
+        nonfinite: str = "error",
         **session_kwargs,
     ) -> None:
         orientations = check_orientations(orientations)
@@ -91,7 +99,10 @@ class StackSegmenter:
         self.intensity_range = intensity_range
         self.orientations = orientations
         self.session_kwargs = session_kwargs
+        self.nonfinite = nonfinite
         self.sessions: Dict[tuple, Union[StackSession, EnsembleSession]] = {}
+        self.lock = threading.RLock()
+        self._reported_nonfinite: set = set()
 
     # ------------------------------------------------------------ positions
 
@@ -108,10 +119,70 @@ class StackSegmenter:
 
     def session(self, position: Sequence[int]) -> Union[StackSession, EnsembleSession]:
         k = self.key(position)
-        if k not in self.sessions:
-            frames = FrameSource(self.view(position), self.intensity_range)
-            self.sessions[k] = open_session(self.model, frames, orientations=self.orientations, **self.session_kwargs)
-        return self.sessions[k]
+        with self.lock:
+            if k not in self.sessions:
+                frames = FrameSource(self.view(position), self.intensity_range, nonfinite=self.nonfinite)
+                self.sessions[k] = open_session(self.model, frames, orientations=self.orientations, **self.session_kwargs)
+            return self.sessions[k]
+
+    # ------------------------------------------------------------ settings
+
+    def set_intensity_range(self, intensity_range: Sequence[float]) -> None:
+        """A new black..white mapping for slices computed from now on (cached features are
+        dropped; masks and memories computed before keep what they were made with)."""
+        with self.lock:
+            self.intensity_range = tuple(float(v) for v in intensity_range)
+            for s in self.sessions.values():
+                s.frames.set_intensity_range(self.intensity_range)
+                s.clear_features()
+
+    def set_fast(self, fast: bool) -> None:
+        """bfloat16 (True) or float32 for slices computed from now on."""
+        with self.lock:
+            self.session_kwargs["fast"] = bool(fast)
+            for s in self.sessions.values():
+                s.fast = bool(fast)
+                s.clear_features()
+
+    def new_nonfinite_slices(self) -> List[tuple]:
+        """Positions (labels indices) of slices found since the last call to hold NaN or
+        infinite values that were treated as background."""
+        news = []
+        for k, s in list(self.sessions.items()):
+            for f in sorted(s.frames.nonfinite_slices):
+                if (k, f) not in self._reported_nonfinite:
+                    self._reported_nonfinite.add((k, f))
+                    news.append((k, f))
+        return news
+
+    def small_object_warning(self, mask: np.ndarray, *, min_model_pixels: float = 12.0) -> Optional[str]:
+        """A sentence when a slice is shrunk so much for the model that the object (``mask``,
+        the result of a prompt) is a few pixels or nothing at the model's input."""
+        h, w = mask.shape[-2:]
+        size = self.model.image_size
+        shrink = max(h, w) / size
+        if shrink < 1.5:
+            return None
+        area = float(np.count_nonzero(mask)) * (size / h) * (size / w)
+        if area >= min_model_pixels:
+            return None
+        what = "an empty mask" if area == 0 else f"an object of about {area:.0f} pixels"
+        return (
+            f"the slice ({w} x {h} pixels) is shrunk {shrink:.1f} times to the model's {size} px input, "
+            f"where this prompt gives {what}: small objects vanish at that scale. Crop the image around "
+            "the objects (or use a model with a larger input) for objects this small."
+        )
+
+    # ------------------------------------------------------------ undo
+
+    def snapshot(self, position, obj_id: int):
+        """The engine's state of one object at a position, for :meth:`restore` (undo)."""
+        with self.lock:
+            return self.session(position).snapshot(obj_id)
+
+    def restore(self, position, obj_id: int, snapshot) -> None:
+        with self.lock:
+            self.session(position).restore(obj_id, snapshot)
 
     def to_data_order(self, mask: np.ndarray) -> np.ndarray:
         """A mask in view order (rows, columns) -> the array's own axis order."""
@@ -132,8 +203,8 @@ class StackSegmenter:
 
         rows_cols: N x 2 coordinates in the displayed axes; labels: 1 / 0.
         """
-        s = self.session(position)
-        masks = s.add_points(self.slice_of(position), obj_id, points=self._xy(rows_cols), labels=labels)
+        with self.lock:
+            masks = self.session(position).add_points(self.slice_of(position), obj_id, points=self._xy(rows_cols), labels=labels)
         return masks[obj_id]
 
     def set_box(self, position, obj_id: int, corners, rows_cols=None, labels=None) -> np.ndarray:
@@ -141,30 +212,57 @@ class StackSegmenter:
         c = self._xy(corners)
         box = [c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()]
         pts = None if rows_cols is None or len(rows_cols) == 0 else self._xy(rows_cols)
-        masks = self.session(position).add_points(
-            self.slice_of(position), obj_id, points=pts, labels=None if pts is None else labels, box=box
-        )
+        with self.lock:
+            masks = self.session(position).add_points(
+                self.slice_of(position), obj_id, points=pts, labels=None if pts is None else labels, box=box
+            )
         return masks[obj_id]
 
     def set_mask(self, position, obj_id: int, mask: np.ndarray) -> np.ndarray:
-        masks = self.session(position).add_mask(self.slice_of(position), obj_id, mask)
+        with self.lock:
+            masks = self.session(position).add_mask(self.slice_of(position), obj_id, mask)
         return masks[obj_id]
 
-    def forget_slice(self, position, obj_id: int) -> None:
-        s = self.session(position)
-        if obj_id in s.objects:
-            s.clear_frame(self.slice_of(position), obj_id)
-            if not s.objects[obj_id].prompted_frames and not s.objects[obj_id].cond:
-                s.remove_object(obj_id)
+    def forget_slice(self, position, obj_id: int) -> bool:
+        """Forget an object's prompts on one slice; an object left with no prompt at all is
+        removed. Returns whether the object still exists."""
+        with self.lock:
+            s = self.session(position)
+            if obj_id in s.objects:
+                s.clear_frame(self.slice_of(position), obj_id)
+                if not s.objects[obj_id].prompted_frames:
+                    s.remove_object(obj_id)
+            return obj_id in s.objects
+
+    def prefetch(self, position, frames: Sequence[int]) -> None:
+        """Compute slice features ahead, one slice at a time (other work can come between)."""
+        for f in frames:
+            with self.lock:
+                self.session(position).prefetch([f])
 
     def propagate(
-        self, position, direction: str = "both", frame_range=None
+        self, position, direction: str = "both", frame_range=None, **options
     ) -> Iterator[Tuple[tuple, Dict[int, np.ndarray]]]:
-        """Yields (labels index of a slice, {obj_id: mask}) as slices are computed."""
+        """Yields (labels index of a slice, {obj_id: mask}) as slices are computed.
+
+        options: obj_ids, object_ranges, stop_after_absent (see StackSession.propagate).
+        The session's lock is held while a slice is computed, not between slices.
+        """
         if self.axis is None:
             raise InputError("this image is 2D: there is no axis to propagate along")
-        s = self.session(position)
-        for f, masks in s.propagate(direction, frame_range=frame_range):
+        with self.lock:
+            run = self.session(position).propagate(direction, frame_range=frame_range, **options)
+            first = next(run, None)  # prompts are checked and committed here
+        if first is None:
+            return
+        f, masks = first
+        yield self.label_index(position, f), {k: self.to_data_order(m) for k, m in masks.items()}
+        while True:
+            with self.lock:
+                item = next(run, None)
+            if item is None:
+                return
+            f, masks = item
             yield self.label_index(position, f), {k: self.to_data_order(m) for k, m in masks.items()}
 
 

@@ -101,9 +101,12 @@ class OrientedFrames(FrameSource):
         # no FrameSource.__init__: everything is the base's
         self.base, self.k, self.flip = base, int(k) % 4, bool(flip)
         self.frames, self.dtype, self.num_frames = base.frames, base.dtype, base.num_frames
-        self.intensity_range = base.intensity_range
         h, w = base.shape
         self.height, self.width = (w, h) if self.k % 2 else (h, w)
+
+    @property
+    def intensity_range(self):
+        return self.base.intensity_range
 
     def read(self, index: int) -> np.ndarray:
         arr = np.rot90(self.base.read(index), self.k, axes=(0, 1))
@@ -247,6 +250,28 @@ class EnsembleSession(LabelSeeds):
     def reset(self) -> None:
         for m in self.members:
             m.reset()
+
+    def snapshot(self, obj_id: int):
+        """As :meth:`StackSession.snapshot` (one per orientation)."""
+        return [m.snapshot(obj_id) for m in self.members]
+
+    def restore(self, obj_id: int, snapshot) -> None:
+        """As :meth:`StackSession.restore`."""
+        for m, snap in zip(self.members, snapshot or [None] * len(self.members)):
+            m.restore(obj_id, snap)
+
+    def clear_features(self) -> None:
+        for m in self.members:
+            m.clear_features()
+
+    @property
+    def fast(self) -> bool:
+        return self.members[0].fast
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        for m in self.members:
+            m.fast = bool(value)
 
     def prefetch(self, frames: Sequence[int]) -> None:
         for m in self.members:

@@ -29,6 +29,9 @@ class FrameSource:
     frames: array-like (N, H, W) or (N, H, W, C), C in 1, 3, 4.
     intensity_range: (low, high) mapped to black..white for every slice; default:
     (0, 255) for uint8, else the 0.5 / 99.5 percentiles of up to ``sample`` slices.
+    nonfinite: what a NaN or infinite value does: "error" (refuse the slice, the
+    default) or "background" (it takes the low end of the intensity range, i.e. it
+    becomes background; :attr:`nonfinite_slices` lists the slices where that happened).
     """
 
     def __init__(
@@ -38,7 +41,12 @@ class FrameSource:
         *,
         percentiles: Tuple[float, float] = (0.5, 99.5),
         sample: int = 16,
+        nonfinite: str = "error",
     ) -> None:
+        if nonfinite not in ("error", "background"):
+            raise InputError(f"nonfinite must be 'error' or 'background', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.nonfinite_slices: set = set()
         shape = tuple(getattr(frames, "shape", ()))
         if len(shape) == 2:
             raise InputError(
@@ -75,7 +83,10 @@ class FrameSource:
         if self.dtype == np.uint8:
             return 0.0, 255.0
         idx = np.unique(np.linspace(0, self.num_frames - 1, min(sample, self.num_frames)).round().astype(int))
-        values = np.concatenate([self.read(i).ravel() for i in idx]).astype(np.float64)
+        values = np.concatenate([_as_numpy(self.frames[int(i)]).ravel() for i in idx]).astype(np.float64)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise InputError("the sampled slices hold no finite value (all NaN or infinite); give intensity_range")
         lo, hi = np.percentile(values, percentiles)
         if hi <= lo:
             lo, hi = float(values.min()), float(values.max())
@@ -87,8 +98,21 @@ class FrameSource:
             raise InputError(f"slice {index} is outside the stack (0..{self.num_frames - 1})")
         arr = _as_numpy(self.frames[index])
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            raise InputError(f"slice {index} contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
+            if self.nonfinite == "error":
+                raise InputError(
+                    f"slice {index} contains NaN or infinite values; replace them (e.g. np.nan_to_num) first, "
+                    "or treat them as background (nonfinite='background')"
+                )
+            self.nonfinite_slices.add(int(index))
+            arr = np.where(np.isfinite(arr), arr, self.intensity_range[0])
         return arr
+
+    def set_intensity_range(self, intensity_range: Sequence[float]) -> None:
+        """Map (low, high) to black..white from now on (slices read later use it)."""
+        rng = check_range(intensity_range)
+        if rng is None:
+            raise InputError("intensity_range must be (low, high)")
+        self.intensity_range = rng
 
     def model_input(self, index: int, size: int) -> torch.Tensor:
         """Slice ``index`` as a 1 3 size size tensor in [0, 1] (not yet normalised)."""

@@ -158,6 +158,13 @@ class ObjectState:
     def prompted_frames(self) -> List[int]:
         return sorted(set(self.points) | set(self.masks))
 
+    def copy(self) -> "ObjectState":
+        """A copy whose prompt and memory tables can change without touching this one."""
+        return ObjectState(
+            self.obj_id, dict(self.points), dict(self.masks), dict(self.cond), dict(self.non_cond),
+            dict(self.pending_cond), dict(self.pending_non_cond), dict(self.tracked), set(self.skipped),
+        )
+
 
 class LabelSeeds:
     """Prompts from existing label images (shared by every session kind).
@@ -457,6 +464,22 @@ class StackSession(LabelSeeds):
     def reset(self) -> None:
         """Drop all objects and prompts (cached slice features are kept)."""
         self.objects.clear()
+
+    def snapshot(self, obj_id: int) -> Optional[ObjectState]:
+        """What the session holds for one object (None if it does not exist), for :meth:`restore`."""
+        obj = self.objects.get(int(obj_id))
+        return None if obj is None else obj.copy()
+
+    def restore(self, obj_id: int, snapshot: Optional[ObjectState]) -> None:
+        """Put an object back as :meth:`snapshot` saw it (None: remove it), e.g. to undo a prompt."""
+        if snapshot is None:
+            self.objects.pop(int(obj_id), None)
+        else:
+            self.objects[int(obj_id)] = snapshot.copy()
+
+    def clear_features(self) -> None:
+        """Forget cached slice features (e.g. after the intensity mapping changed)."""
+        self.features.clear()
 
     # ------------------------------------------------------------------ propagation
 
