@@ -155,21 +155,27 @@ class StackSegmenter:
                     news.append((k, f))
         return news
 
-    def small_object_warning(self, mask: np.ndarray, *, min_model_pixels: float = 12.0) -> Optional[str]:
-        """A sentence when a slice is shrunk so much for the model that the object (``mask``,
-        the result of a prompt) is a few pixels or nothing at the model's input."""
+    def small_object_warning(self, mask: np.ndarray, box=None, *, min_model_pixels: float = 12.0) -> Optional[str]:
+        """A sentence when a slice is shrunk so much for the model that the object is a few
+        pixels or nothing at the model's input: judged from the box drawn (two corners as
+        (row, col)) when there is one, else from ``mask``, the prompt's result."""
         h, w = mask.shape[-2:]
         size = self.model.image_size
         shrink = max(h, w) / size
         if shrink < 1.5:
             return None
-        area = float(np.count_nonzero(mask)) * (size / h) * (size / w)
+        if box is not None:
+            c = np.asarray(box, np.float64).reshape(-1, 2)
+            extent = c.max(0) - c.min(0)
+            area = float(extent[0] * extent[1]) * (size / h) * (size / w)
+        else:
+            area = float(np.count_nonzero(mask)) * (size / h) * (size / w)
         if area >= min_model_pixels:
             return None
         what = "an empty mask" if area == 0 else f"an object of about {area:.0f} pixels"
         return (
             f"the slice ({w} x {h} pixels) is shrunk {shrink:.1f} times to the model's {size} px input, "
-            f"where this prompt gives {what}: small objects vanish at that scale. Crop the image around "
+            f"where this prompt is {what}: small objects vanish at that scale. Crop the image around "
             "the objects (or use a model with a larger input) for objects this small."
         )
 

@@ -314,11 +314,12 @@ class SAM2Widget(Container):
         def failed(msg):
             # a model that cannot load never leaves the list showing it while the old one works
             if self._segmenter is not None and self._loaded_choice is not None:
-                old = self._loaded_choice
+                old, orientations = self._loaded_choice, self._orientations.value
                 self._model_combo.value = old[0]
-                if old[1]:
-                    self._checkpoint.value = old[1]
-                self._set_status(f"Could not load {choice[0]}: {msg} Still using {old[0]}.")
+                self._checkpoint.value = old[1] or ""
+                self._orientations.value = orientations
+                asked = choice[1] if choice[0] == CHOOSE_FILE else choice[0]
+                self._set_status(f"Could not load {asked}: {msg} Still using {old[1] or old[0]}.")
                 return True
             return False
 
@@ -632,7 +633,7 @@ class SAM2Widget(Container):
                 entry["before"] = (index, np.array(self._labels.data[index], copy=True))
                 self._write({obj_id: np.zeros(self._labels.data[index].shape, bool) if mask is None else seg.to_data_order(mask)}, index)
                 if mask is not None:
-                    warning = seg.small_object_warning(mask)
+                    warning = seg.small_object_warning(mask, box)
                     if warning:
                         _notify_warning(f"napari-sam2: {warning}")
                         self._set_status(warning)
@@ -652,11 +653,19 @@ class SAM2Widget(Container):
         """Painting with napari's brush into the Labels layer is a mask prompt."""
         if self._writing or self._segmenter is None:
             return
-        seg = self._segmenter
         obj_id = self.active_object
         if obj_id in self._user_labels:
             return  # the user's own labels are theirs to paint
+        from qtpy.QtCore import QTimer
+
+        # napari may announce a stroke before writing it: read the slice once it is written
         pos = self._position()
+        QTimer.singleShot(0, lambda: self._paint_prompt(pos, obj_id))
+
+    def _paint_prompt(self, pos, obj_id: int) -> None:
+        seg = self._segmenter
+        if seg is None or self._labels is None:
+            return
         index = seg.label_index(pos, seg.slice_of(pos))
         mask = self._labels.data[index] == obj_id
         if seg.displayed[0] > seg.displayed[1]:
