@@ -151,7 +151,8 @@ def gather_memory(
     num_ptr_tokens = 0
     if ptrs:
         cfg = model.config
-        obj_ptrs = torch.stack([p.to(device) for p in ptrs], dim=1)  # 1 P C
+        obj_ptrs = torch.stack([p.to(device) for p in ptrs], dim=1)  # 1 P C (B P C in training clips)
+        nb = obj_ptrs.shape[0]
         if cfg.add_tpos_enc_to_obj_ptrs:
             tpos_dim = c if cfg.proj_tpos_enc_in_obj_ptrs else model.mem_dim
             rel = torch.tensor(pos, device=device, dtype=torch.float32) / (max_ptrs - 1)
@@ -160,11 +161,14 @@ def gather_memory(
             ptr_pos = obj_ptrs.new_zeros(1, len(ptrs), model.mem_dim)
         split = c // model.mem_dim
         if split > 1:  # each pointer becomes `split` tokens of mem_dim channels
-            obj_ptrs = obj_ptrs.reshape(1, len(ptrs), split, model.mem_dim).flatten(1, 2)
+            obj_ptrs = obj_ptrs.reshape(nb, len(ptrs), split, model.mem_dim).flatten(1, 2)
             ptr_pos = ptr_pos.repeat_interleave(split, dim=1)
         mems.append(obj_ptrs)
         mem_pos.append(ptr_pos)
         num_ptr_tokens = obj_ptrs.shape[1]
+    batch = max(t.shape[0] for t in mems + mem_pos)
+    mems = [t.expand(batch, -1, -1) for t in mems]
+    mem_pos = [t.expand(batch, -1, -1) for t in mem_pos]
     # bfloat16 memories are promoted by the concatenation
     return Memory(torch.cat(mems, dim=1), torch.cat(mem_pos, dim=1), num_ptr_tokens)
 
@@ -206,7 +210,7 @@ def memory_conditioned_features(
     if is_init_cond_frame:  # nothing to remember yet
         return x + model.no_mem_embed.view(1, c, 1, 1)
     mem = gather_memory(model, feats, frame_idx, cond, non_cond, maskmem_pos, reverse, num_frames, use_pointers)
-    if b > 1:  # several frames (training) attend to one object's memory
+    if b > 1 or mem.tokens.shape[0] > 1:  # training: a batch of clips, each with its own memory
         mem = Memory(mem.tokens.expand(b, -1, -1), mem.pos.expand(b, -1, -1), mem.num_ptr_tokens)
         curr = x.flatten(2).transpose(1, 2)
         curr_pos = feats.pos.flatten(2).transpose(1, 2)
