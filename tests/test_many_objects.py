@@ -256,3 +256,21 @@ def test_overlaps_go_to_the_higher_logit(model):
         winner1 = both & (logits[1] >= logits[2])
         assert not (masks[1] & masks[2]).any()
         assert np.array_equal(masks[1][both], winner1[both]), f
+
+
+def test_scrolling_a_fixed_axis_keeps_memory_bounded(model):
+    """Scrolling T through a T-Z-Y-X movie with prefetch: sessions without objects are
+    dropped and older ones keep no slice features, so memory does not grow per time point."""
+    from napari_sam2.segmenter import StackSegmenter
+
+    data = np.random.default_rng(0).integers(0, 4000, (12, 3, 32, 40)).astype(np.uint16)
+    seg = StackSegmenter(model, data, axis=1, displayed=(2, 3), intensity_range=RANGE)
+    seg.set_points((0, 1, 0, 0), 1, [[10, 10]], [1])  # an object on time point 0
+    for t in range(12):
+        seg.prefetch((t, 1, 0, 0), [0, 1, 2])
+    assert len(seg.sessions) <= seg.keep_sessions + 1  # the newest ones and the one with an object
+    cached = [s for s in seg.sessions.values() if s.features.nbytes > 0]
+    assert len(cached) <= seg.keep_sessions
+    assert seg.session((0, 1, 0, 0)).objects  # the prompted time point kept its object
+    done = [index for index, _ in seg.propagate((0, 1, 0, 0), "forward")]
+    assert [i[:2] for i in done] == [(0, 1), (0, 2)]  # slices 1 and 2 of time point 0

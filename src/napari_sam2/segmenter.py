@@ -9,6 +9,7 @@ Each fixed position gets its own :class:`~napari_sam2.model.video.StackSession`.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -100,7 +101,7 @@ class StackSegmenter:
         self.orientations = orientations
         self.session_kwargs = session_kwargs
         self.nonfinite = nonfinite
-        self.sessions: Dict[tuple, Union[StackSession, EnsembleSession]] = {}
+        self.sessions: "OrderedDict[tuple, Union[StackSession, EnsembleSession]]" = OrderedDict()
         self.lock = threading.RLock()
         self._reported_nonfinite: set = set()
 
@@ -117,13 +118,30 @@ class StackSegmenter:
         fixed = {a: int(position[a]) for a in range(self.ndim) if a != self.axis and a not in self.displayed}
         return AxisView(self.image, axis=self.axis, displayed=self.displayed, fixed=fixed, rgb=self.rgb)
 
+    #: sessions (fixed positions, e.g. time points of a T-Z-Y-X movie) that keep their
+    #: slice features; older ones drop their features, and are dropped when they hold no object
+    keep_sessions = 2
+
     def session(self, position: Sequence[int]) -> Union[StackSession, EnsembleSession]:
         k = self.key(position)
         with self.lock:
             if k not in self.sessions:
                 frames = FrameSource(self.view(position), self.intensity_range, nonfinite=self.nonfinite)
                 self.sessions[k] = open_session(self.model, frames, orientations=self.orientations, **self.session_kwargs)
+                self._evict()
+            self.sessions.move_to_end(k)
             return self.sessions[k]
+
+    def _evict(self) -> None:
+        """Bound memory while the viewer scrolls through fixed axes: beyond the most recent
+        sessions, one without objects is dropped and one with objects keeps its prompts and
+        memories but not its cached slice features (recomputed if it is used again)."""
+        for k in list(self.sessions)[: -self.keep_sessions]:
+            s = self.sessions[k]
+            if s.objects:
+                s.clear_features()
+            else:
+                del self.sessions[k]
 
     # ------------------------------------------------------------ settings
 
