@@ -4,7 +4,8 @@
 
 Each configuration runs in a fresh interpreter (OpenMP reads its settings once, when
 torch loads): torch's intra-op threads (1 or all cores) and the OpenMP wait policy
-(libgomp's default, which spins a while before it sleeps, or PASSIVE). For each, one
+(libgomp's default, which spins a while before it sleeps, PASSIVE, or a shorter
+spin through GOMP_SPINCOUNT). For each, one
 click and a forward propagation through a generated stack (2.1-tiny, random weights)
 are timed alone and with 1 or 2 busy-looping processes beside it. Printed: seconds per
 configuration and load, and the slowdown against the same configuration alone.
@@ -53,9 +54,9 @@ def hog(stop):
 
 def run(size, slices, threads, policy, hogs):
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        env.pop(k, None)
+    env.update(policy or {})
     stop = mp.Event()
     procs = [mp.Process(target=hog, args=(stop,)) for _ in range(hogs)]
     for p in procs:
@@ -78,10 +79,13 @@ def main() -> None:
     ap.add_argument("--hogs", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     cores = os.cpu_count()
+    fewer = max(1, cores - 1)
     configs = [(0, None, f"torch default ({cores} threads), OpenMP default wait"),
-               (0, "PASSIVE", f"torch default ({cores} threads), OMP_WAIT_POLICY=PASSIVE"),
-               (max(1, cores - 1), None, f"{max(1, cores - 1)} thread(s) (cores - 1), OpenMP default wait"),
-               (max(1, cores - 1), "PASSIVE", f"{max(1, cores - 1)} thread(s) (cores - 1), PASSIVE")]
+               (0, {"OMP_WAIT_POLICY": "PASSIVE"}, f"{cores} threads, OMP_WAIT_POLICY=PASSIVE"),
+               (0, {"GOMP_SPINCOUNT": "10000"}, f"{cores} threads, GOMP_SPINCOUNT=10000"),
+               (0, {"GOMP_SPINCOUNT": "1000"}, f"{cores} threads, GOMP_SPINCOUNT=1000"),
+               (fewer, None, f"{fewer} thread(s) (cores - 1), OpenMP default wait"),
+               (fewer, {"OMP_WAIT_POLICY": "PASSIVE"}, f"{fewer} thread(s) (cores - 1), PASSIVE")]
     print(f"{cores} cores; sam2.1_hiera_tiny at {args.size} px, click + forward through {args.slices} slices")
     print("| setting | " + " | ".join(f"{h} busy process(es)" for h in args.hogs) + " |")
     print("| --- |" + " --- |" * len(args.hogs))
