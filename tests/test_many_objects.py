@@ -274,3 +274,30 @@ def test_scrolling_a_fixed_axis_keeps_memory_bounded(model):
     assert seg.session((0, 1, 0, 0)).objects  # the prompted time point kept its object
     done = [index for index, _ in seg.propagate((0, 1, 0, 0), "forward")]
     assert [i[:2] for i in done] == [(0, 1), (0, 2)]  # slices 1 and 2 of time point 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_tracking_on_cuda_equals_one_object_sessions(model):
+    """On CUDA too, objects tracked in one batch give what each tracked alone gives (same
+    device, so the comparison is about batching, not about CPU / GPU arithmetic)."""
+    data, centres = blobs(n=8, count=6, seed=7)
+    gpu_model = build_model(get_config("sam2.1_hiera_tiny").with_image_size(SIZE))
+    gpu_model.load_state_dict(model.state_dict())
+    gpu_model = gpu_model.cuda()
+    prompts = {obj: (1 + obj % 3, [[cx, cy]]) for obj, (cy, cx) in enumerate(centres, start=1)}
+    many = StackSession(gpu_model, data, intensity_range=RANGE)
+    for obj, (frame, pts) in prompts.items():
+        many.add_points(frame, obj, points=pts, labels=[1])
+    got = {}
+    for f, masks in many.propagate("both"):
+        for obj, m in masks.items():
+            got[(obj, f)] = m
+    differ = total = 0
+    for obj, (frame, pts) in prompts.items():
+        alone = StackSession(gpu_model, data, intensity_range=RANGE)
+        alone.add_points(frame, obj, points=pts, labels=[1])
+        for f, masks in alone.propagate("both"):
+            differ += int((got[(obj, f)] != masks[obj]).sum())
+            total += masks[obj].size
+    assert differ / total < 0.002
