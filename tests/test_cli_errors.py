@@ -167,3 +167,8 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"napari-sam2 {napari_sam2.__version__}"
+
+
+def test_evaluate_stop_after_must_be_positive(capsys):
+    line = _fails(capsys, ["evaluate", "--synthetic-seeds", "9000", "--stop-after", "0", "--device", "cpu"])
+    assert "--stop-after must be 1 or more" in line

@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", type=Path, help="weights file (default: the model's own)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     e.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
+    e.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop following an object after N slices where the model finds it absent (default: never)")
     _add_orientations(e)
     return p
 
@@ -408,6 +410,9 @@ def _evaluate(args) -> int:
     from .model.devices import pick_device
     from .model.ensemble import default_orientations
     from .model.evaluate import click_and_propagate, slice_table
+
+    if args.stop_after is not None and args.stop_after < 1:
+        raise InputError(f"--stop-after must be 1 or more (slices), got {args.stop_after}; leave it out to never stop")
     from .sample_data import nuclei_3d
 
     if not args.pair and not args.synthetic_seeds:
@@ -427,7 +432,8 @@ def _evaluate(args) -> int:
     orientations = args.orientations or default_orientations(model.config.name)
     everything = []
     for name, image, labels in data:
-        scores = click_and_propagate(model, image, labels, fast=args.fast, orientations=orientations)
+        scores = click_and_propagate(model, image, labels, fast=args.fast, orientations=orientations,
+                                     stop_after_absent=args.stop_after)
         everything += scores
         print(f"{name}: {len(scores)} objects, mean 3D Dice {np.mean([s.dice_3d for s in scores]):.3f}")
     print(f"all: {len(everything)} objects, {orientations} orientation(s), mean 3D Dice {np.mean([s.dice_3d for s in everything]):.3f}")

@@ -62,11 +62,14 @@ def click_and_propagate(
     fast: bool = False,
     intensity_range=None,
     orientations: int = 1,
+    stop_after_absent: Optional[int] = None,
 ) -> List[ObjectScore]:
     """Score every object (or ``obj_ids``) of ``labels`` (N, H, W) on ``image``.
 
     orientations: 1 for a plain :class:`StackSession`; 2, 4 or 8 for an
     :class:`~napari_sam2.model.ensemble.EnsembleSession` (the mean over orientations).
+    stop_after_absent: stop an object after that many slices where it is found absent
+    (slices not computed count as empty).
     """
     labels = np.asarray(labels)
     session = open_session(model, image, orientations=orientations, intensity_range=intensity_range, fast=fast)
@@ -83,7 +86,7 @@ def click_and_propagate(
         session.reset()
         session.add_points(z, 1, points=[xy], labels=[1])
         pred = np.zeros_like(gt)
-        for t, masks in session.propagate("both", start=z):
+        for t, masks in session.propagate("both", start=z, stop_after_absent=stop_after_absent):
             pred[t] = masks[1]
         scores.append(score_object(k, z, xy, pred, gt))
     return scores
