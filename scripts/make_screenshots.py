@@ -52,16 +52,18 @@ def main() -> None:
     widget = SAM2Widget(viewer)
     viewer.window.add_dock_widget(widget, name="SAM 2", area="right")
     app = QApplication.instance()
-    if args.checkpoint:
-        widget._model = load_model(None, args.checkpoint)  # the architecture the file holds
-    widget._image_combo.value = layer
+    loaded = load_model(None, args.checkpoint) if args.checkpoint else None  # the architecture the file holds
+    widget.configure(image=layer, loaded_model=loaded)
     widget.start()
     wait_idle(app, widget)
     viewer.dims.current_step = (16, 0, 0)
     pump(app, 1.0)
     viewer.screenshot(str(out / "01-session-started.png"), canvas_only=False)
 
-    widget._points.add(np.array([[16, 71, 79]], float))  # a click in the middle of a nucleus (z, y, x)
+    widget.points_layer.add(np.array([[16, 71, 79]], float))  # a click in the middle of a nucleus (z, y, x)
+    wait_idle(app, widget)
+    widget.new_object()
+    widget.points_layer.add(np.array([[16, 128, 132]], float))  # a second nucleus
     wait_idle(app, widget)
     pump(app, 0.5)
     viewer.screenshot(str(out / "02-first-click.png"), canvas_only=False)

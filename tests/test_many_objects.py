@@ -301,3 +301,38 @@ def test_batched_tracking_on_cuda_equals_one_object_sessions(model):
             differ += int((got[(obj, f)] != masks[obj]).sum())
             total += masks[obj].size
     assert differ / total < 0.002
+
+
+def test_restored_object_survives_pruning_by_a_later_propagation(model):
+    """Undo restores an object as it was, even after a propagation pruned the memories the
+    live state shared with the snapshot (regression: the restored state had lost them)."""
+    data, centres = blobs(n=40, count=1, seed=8)
+    cy, cx = centres[0]
+    s = StackSession(model, data, intensity_range=RANGE)
+    s.add_points(2, 1, points=[[cx, cy]], labels=[1])
+    s.add_points(35, 1, points=[[cx, cy + 7]], labels=[1])
+    snap = s.snapshot(1)
+    s.clear_frame(2, 1)  # the user deletes the click on slice 2 ...
+    list(s.propagate("both"))  # ... propagates (slice 2's memory is pruned) ...
+    s.restore(1, snap)  # ... and undoes the deletion
+    got = {f: m[1] for f, m in s.propagate("both", return_logits=True)}
+    fresh = StackSession(model, data, intensity_range=RANGE)
+    fresh.add_points(2, 1, points=[[cx, cy]], labels=[1])
+    fresh.add_points(35, 1, points=[[cx, cy + 7]], labels=[1])
+    want = {f: m[1] for f, m in fresh.propagate("both", return_logits=True)}
+    assert got.keys() == want.keys()
+    for f in want:
+        np.testing.assert_allclose(got[f], want[f], atol=1e-4, err_msg=f"slice {f}")
+
+
+def test_early_stop_takes_the_object_up_again_at_its_own_prompt():
+    data, centres = blobs(n=16, count=1, seed=2)
+    m = absent_model()
+    cy, cx = centres[0]
+    s = StackSession(m, data, intensity_range=RANGE)
+    s.add_points(2, 1, points=[[cx, cy]], labels=[1])
+    s.add_points(12, 1, points=[[cx, cy + 2]], labels=[1])
+    frames = [f for f, _ in s.propagate("forward", stop_after_absent=1)]
+    assert 12 in frames  # taken up again at the user's own click on slice 12
+    assert not set(range(4, 12)) & set(frames)  # after stopping in between
+    assert set(s.skipped_frames(1)) >= set(range(4, 12))

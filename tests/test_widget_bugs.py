@@ -456,3 +456,41 @@ def test_small_object_in_a_large_frame_is_warned_about(make_napari_viewer, qtbot
     widget.shapes_layer.add(big, shape_type="rectangle")
     wait(qtbot, widget)
     assert notices["warning"] == []
+
+
+def test_a_click_for_another_object_keeps_a_box_and_its_object(make_napari_viewer, qtbot, model, notices):
+    data = volume()
+    viewer, layer, widget = start(make_napari_viewer, qtbot, model, data)
+    goto(viewer, 3)
+    box = np.array([[3, 10, 10], [3, 10, 30], [3, 28, 30], [3, 28, 10]], float)
+    widget.shapes_layer.add(box, shape_type="rectangle")  # object 1: a box
+    wait(qtbot, widget)
+    assert (widget.labels_layer.data[3] == 1).any()
+    widget.new_object()
+    click(viewer, widget, 3, 30, 40)  # object 2: a click on the same slice
+    wait(qtbot, widget)
+    rng = tuple(layer.contrast_limits)
+    ref = engine(model, data, rng)
+    want1 = ref.add_points(3, 1, box=[10, 10, 30, 28])[1]
+    want2 = ref.add_points(3, 2, points=[[40, 30]], labels=[1])[2]
+    lab = widget.labels_layer.data[3]
+    np.testing.assert_array_equal(lab == 1, want1)
+    np.testing.assert_array_equal(lab == 2, want2 & ~want1)
+    assert notices["error"] == []
+
+
+def test_deleting_a_click_at_one_time_point_keeps_other_time_points(make_napari_viewer, qtbot, model, notices):
+    data = volume(n=4)[None].repeat(2, axis=0)  # T Z Y X, propagated along Z: a session per time point
+    viewer, layer, widget = start(make_napari_viewer, qtbot, model, data,
+                                  before_start=lambda v, w: w.configure(axis=1))
+    for t in (0, 1):  # the same object id at two time points
+        viewer.dims.current_step = (t, 2, 0, 0)
+        widget.points_layer.add(np.array([[t, 2, 21, 20]], float))
+        wait(qtbot, widget)
+    assert (widget.labels_layer.data[0, 2] == 1).any() and (widget.labels_layer.data[1, 2] == 1).any()
+    kept = widget.labels_layer.data[0].copy()
+    widget.points_layer.selected_data = {1}  # the click at t = 1
+    widget.points_layer.remove_selected()
+    wait(qtbot, widget)
+    assert not (widget.labels_layer.data[1] == 1).any()
+    np.testing.assert_array_equal(widget.labels_layer.data[0], kept)

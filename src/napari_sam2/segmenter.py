@@ -167,7 +167,7 @@ class StackSegmenter:
         infinite values that were treated as background."""
         news = []
         for k, s in list(self.sessions.items()):
-            for f in sorted(s.frames.nonfinite_slices):
+            for f in s.frames.nonfinite_found():
                 if (k, f) not in self._reported_nonfinite:
                     self._reported_nonfinite.add((k, f))
                     news.append((k, f))
@@ -211,6 +211,23 @@ class StackSegmenter:
     def to_data_order(self, mask: np.ndarray) -> np.ndarray:
         """A mask in view order (rows, columns) -> the array's own axis order."""
         return mask.T if self.displayed[0] > self.displayed[1] else mask
+
+    def block_index(self, position: Sequence[int]) -> tuple:
+        """The index into a labels array of every slice of the session at ``position``
+        (its fixed coordinates, the whole propagation axis)."""
+        nd = self.ndim
+        return tuple(slice(None) if a == self.axis or a in self.displayed else int(position[a]) for a in range(nd))
+
+    def skipped(self, position: Sequence[int]) -> Dict[int, List[tuple]]:
+        """{obj_id: labels indices of the slices its last propagation left out (early stop)}."""
+        with self.lock:
+            s = self.session(position)
+            return {i: [self.label_index(position, f) for f in s.skipped_frames(i)] for i in s.obj_ids}
+
+    def has_objects(self, position: Sequence[int]) -> bool:
+        """Whether the session at ``position`` holds an object (without waiting for running work)."""
+        s = self.sessions.get(self.key(position))
+        return bool(s is not None and s.objects)
 
     def label_index(self, position: Sequence[int], slice_idx: int) -> tuple:
         """The index into a labels array (image shape without RGB) of one slice."""

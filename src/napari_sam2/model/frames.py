@@ -9,7 +9,8 @@ percentiles computed once from a sample of slices.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import threading
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ class FrameSource:
         if nonfinite not in ("error", "background"):
             raise InputError(f"nonfinite must be 'error' or 'background', got {nonfinite!r}")
         self.nonfinite = nonfinite
-        self.nonfinite_slices: set = set()
+        self.nonfinite_slices: set = set()  # read it through nonfinite_found() from other threads
+        self._nonfinite_lock = threading.Lock()
         shape = tuple(getattr(frames, "shape", ()))
         if len(shape) == 2:
             raise InputError(
@@ -103,9 +105,15 @@ class FrameSource:
                     f"slice {index} contains NaN or infinite values; replace them (e.g. np.nan_to_num) first, "
                     "or treat them as background (nonfinite='background')"
                 )
-            self.nonfinite_slices.add(int(index))
+            with self._nonfinite_lock:
+                self.nonfinite_slices.add(int(index))
             arr = np.where(np.isfinite(arr), arr, self.intensity_range[0])
         return arr
+
+    def nonfinite_found(self) -> List[int]:
+        """The slices found so far to hold NaN or infinite values (treated as background)."""
+        with self._nonfinite_lock:
+            return sorted(self.nonfinite_slices)
 
     def set_intensity_range(self, intensity_range: Sequence[float]) -> None:
         """Map (low, high) to black..white from now on (slices read later use it)."""

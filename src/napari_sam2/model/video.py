@@ -12,6 +12,7 @@ Slices are "frames" in SAM 2's terms. Coordinates are (x, y) pixels of a slice.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -80,17 +81,25 @@ def run_sweeps(session, sweeps: Sequence[Sweep], step, stop_after_absent: Option
     it then leaves out are recorded as skipped (``session.objects[i].skipped``)."""
     if stop_after_absent is not None and int(stop_after_absent) < 1:
         raise InputError(f"stop_after_absent must be at least 1 (or None: never stop), got {stop_after_absent}")
+    # the objects as planned: one removed, replaced or restored meanwhile (a user's edit
+    # during the propagation) leaves the sweep instead of being tracked with another state
+    planned = {i: session.objects.get(i) for s in sweeps for i in s.starts}
     for sweep in sweeps:
         absent = {i: 0 for i in sweep.starts}
         stopped: set = set()
         for i in sweep.starts:
-            if i in session.objects:
+            if planned[i] is not None:
                 frames = [f for f in sweep.frames if sweep.active(f, i)]
-                session.objects[i].skipped.difference_update(frames)
+                planned[i].skipped.difference_update(frames)
         for frame in sweep.frames:
-            ids = [i for i in sweep.starts if sweep.active(frame, i) and i in session.objects]
+            ids = [i for i in sweep.starts if sweep.active(frame, i) and planned[i] is not None
+                   and session.objects.get(i) is planned[i]]
+            for i in ids:  # an object's own prompted slice takes it up again after a stop
+                if i in stopped and frame in planned[i].cond:
+                    stopped.discard(i)
+                    absent[i] = 0
             for i in [i for i in ids if i in stopped]:
-                session.objects[i].skipped.add(frame)
+                planned[i].skipped.add(frame)
             ids = [i for i in ids if i not in stopped]
             if not ids:
                 continue
@@ -160,9 +169,12 @@ class ObjectState:
 
     def copy(self) -> "ObjectState":
         """A copy whose prompt and memory tables can change without touching this one."""
+        def outs(d):  # pruning edits a FrameOutput in place: each copy has its own
+            return {t: dataclasses.replace(o) for t, o in d.items()}
+
         return ObjectState(
-            self.obj_id, dict(self.points), dict(self.masks), dict(self.cond), dict(self.non_cond),
-            dict(self.pending_cond), dict(self.pending_non_cond), dict(self.tracked), set(self.skipped),
+            self.obj_id, dict(self.points), dict(self.masks), outs(self.cond), outs(self.non_cond),
+            outs(self.pending_cond), outs(self.pending_non_cond), dict(self.tracked), set(self.skipped),
         )
 
 
@@ -628,15 +640,16 @@ class StackSession(LabelSeeds):
             else:
                 todo.append(k)
         with torch.inference_mode():
-            if todo:
+            for first in range(0, len(todo), self.max_batch):
+                chunk = todo[first : first + self.max_batch]
                 feats = self.frame_features(frame)
                 with self._amp():
                     heads, mem = track_objects(
-                        self.model, feats, frame, [(objs[k].cond, objs[k].non_cond) for k in todo],
+                        self.model, feats, frame, [(objs[k].cond, objs[k].non_cond) for k in chunk],
                         self._maskmem_pos_tokens(feats), reverse, self.num_frames,
                     )
                 low_res = fill_holes(heads.low_res_masks.float(), self.fill_hole_area)
-                for j, k in enumerate(todo):
+                for j, k in enumerate(chunk):
                     out = self._compact(low_res[j : j + 1], heads.obj_ptr[j : j + 1],
                                         heads.object_score_logits[j : j + 1], mem[j : j + 1], filled=True)
                     objs[k].non_cond[frame] = out
@@ -659,6 +672,9 @@ class StackSession(LabelSeeds):
                 reverse=reverse, num_frames=self.num_frames, prev_mask_logits=prev,
             )
         return feats, heads
+
+    #: at most this many objects go through the model in one batch (bounds peak memory)
+    max_batch = 16
 
     def skipped_frames(self, obj_id: int) -> List[int]:
         """Slices the last propagation of ``obj_id`` left out (stopped early): empty there."""

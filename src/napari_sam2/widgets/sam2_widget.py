@@ -114,6 +114,7 @@ class SAM2Widget(Container):
         self._points = self._shapes = self._labels = None
         self._positive = True
         self._busy = None  # running worker
+        self._busy_key = None
         self._pending: "dict" = {}  # request key -> (work, done, what, quiet); newer replaces older
         self._propagation = None
         self._progress = None
@@ -268,15 +269,20 @@ class SAM2Widget(Container):
         return model
 
     def configure(self, *, image=None, model: "str | None" = None, checkpoint=None, orientations: "int | None" = None,
-                  fast: "bool | None" = None, device: "str | None" = None, loaded_model=None) -> None:
+                  fast: "bool | None" = None, device: "str | None" = None, loaded_model=None,
+                  axis: "int | None" = None) -> None:
         """Set the widget's choices from Python (the CLI and scripts use this).
 
         image: an Image layer of the viewer; model: a registry name; checkpoint: a
         weights file (the model becomes "choose a checkpoint file…"); loaded_model: an
-        already loaded SAM2Model to use instead of loading one.
+        already loaded SAM2Model to use instead of loading one; axis: the data axis to
+        propagate along.
         """
         if image is not None:
             self._image_combo.value = image
+        if axis is not None:
+            self._axis_combo.reset_choices()
+            self._axis_combo.value = axis
         if checkpoint is not None:
             self._model_combo.value = CHOOSE_FILE
             self._checkpoint.value = str(checkpoint)
@@ -289,7 +295,10 @@ class SAM2Widget(Container):
         if device is not None:
             self._device_combo.value = device
         if loaded_model is not None:
-            self._model, self._model_key = loaded_model, None
+            # used for the choices made so far; choosing another model later loads that one
+            name, ckpt = self._model_choice()
+            self._model = loaded_model
+            self._model_key = (None if name == CHOOSE_FILE else name, ckpt, self._device_combo.value)
 
     def start(self) -> None:
         """Load the model (in a worker) and set up prompt layers for the chosen image."""
@@ -392,9 +401,13 @@ class SAM2Widget(Container):
             self._user_labels = set()
             self._labels.selected_label = 1
             self._labels.events.paint.connect(self._on_paint)
+        else:  # a new session in the layer of an earlier one: its objects are now the user's labels
+            self._user_labels = {int(v) for v in np.unique(np.asarray(self._labels.data))} - {0}
+            self._labels.selected_label = max(self._user_labels, default=0) + 1
         if self._shapes is None or self._shapes not in v.layers:
             self._shapes = v.add_shapes(ndim=nd, name=f"{image.name} SAM2 boxes", scale=image.scale[:nd], translate=image.translate[:nd],
-                                        edge_color="yellow", face_color="transparent", edge_width=2)
+                                        edge_color="yellow", face_color="transparent", edge_width=2,
+                                        features={"object": np.zeros(0, int)})
             self._shapes.mode = "add_rectangle"
             self._shapes.events.data.connect(self._on_shapes)
         elif len(self._shapes.data):  # a new session starts without the old session's boxes
@@ -418,7 +431,7 @@ class SAM2Widget(Container):
             layer.bind_key("Shift-B", lambda _l: self.propagate("backward"), overwrite=True)
             layer.bind_key("Shift-A", lambda _l: self.propagate("both"), overwrite=True)
             layer.bind_key("Escape", lambda _l: self.cancel(), overwrite=True)
-            layer.bind_key("Control-Z", lambda _l: self.undo(), overwrite=True)
+            layer.bind_key("Control-Z", self._undo_key, overwrite=True)
         self._labels.events.selected_label.connect(self._on_selected_label)
         self._sync_defaults()
         v.layers.selection.active = self._points
@@ -445,6 +458,8 @@ class SAM2Widget(Container):
         if self._points is None:
             return
         self._points.feature_defaults = {"positive": self._positive, "object": self.active_object}
+        if self._shapes is not None:
+            self._shapes.feature_defaults = {"object": self.active_object}
         # napari gives the current colour to the selected points: select none first, so that
         # existing clicks keep the colour of their own polarity
         self._points.selected_data = set()
@@ -521,7 +536,7 @@ class SAM2Widget(Container):
             return None
         if hasattr(layer, "features") and hasattr(layer, "face_color") and not hasattr(layer, "shape_type"):
             return ("points", np.array(layer.data, copy=True), layer.features.copy())
-        return ("shapes", [np.array(d, copy=True) for d in layer.data], list(layer.shape_type))
+        return ("shapes", [np.array(d, copy=True) for d in layer.data], list(layer.shape_type), layer.features.copy())
 
     def _quietly(self, fn) -> None:
         """Change a layer without the change counting as a prompt."""
@@ -550,7 +565,7 @@ class SAM2Widget(Container):
         objs = {self.active_object} | {o for (o, p) in self._sent if p == pos}
         if len(self._points.data):
             objs |= {int(o) for o in self._points.features["object"]}
-        for obj in sorted(objs):
+        for obj in sorted(objs - self._user_labels):
             self._segment_current(obj, undo_points=before)
 
     def _on_shapes(self, event) -> None:
@@ -558,8 +573,19 @@ class SAM2Widget(Container):
         if self._writing or action not in ("added", "removed", "changed") or self._segmenter is None:
             return
         before = self._shapes_state
+        if action == "added":
+            obj = self._object_for_prompt()
+            feats = self._shapes.features.copy()
+            if len(feats) and int(feats["object"].iloc[-1]) != obj:
+                feats.loc[feats.index[-1], "object"] = obj
+                self._quietly(lambda: setattr(self._shapes, "features", feats))
         self._shapes_state = self._layer_state(self._shapes)
-        self._segment_current(self._object_for_prompt(), undo_shapes=before)
+        pos = self._position()
+        objs = {o for (o, p) in self._sent if p == pos}
+        if len(self._shapes.data):
+            objs |= {int(o) for o in self._shapes.features["object"]}
+        for obj in sorted(objs - self._user_labels):
+            self._segment_current(obj, undo_shapes=before)
 
     def _prompts_on_slice(self, obj_id: int):
         """(rows_cols, labels, box corners or None) of one object on the current slice."""
@@ -575,8 +601,11 @@ class SAM2Widget(Container):
                 pts.append([p[seg.displayed[0]], p[seg.displayed[1]]])
                 labs.append(1 if pos_flag else 0)
         box = None
-        if self._shapes is not None and obj_id == self.active_object:
-            for data, kind in zip(self._shapes.data, self._shapes.shape_type):
+        if self._shapes is not None and len(self._shapes.data):
+            owners = self._shapes.features["object"]
+            for data, kind, owner in zip(self._shapes.data, self._shapes.shape_type, owners):
+                if int(owner) != obj_id:
+                    continue
                 if kind == "rectangle" and all(self._on_current_slice(c, pos) for c in data):
                     box = [[c[seg.displayed[0]], c[seg.displayed[1]]] for c in data]
         return pts, labs, box
@@ -622,12 +651,14 @@ class SAM2Widget(Container):
                 return snap, seg.forget_slice(pos, obj_id), None
 
         def done(result):
+            if seg is not self._segmenter or self._labels is None:
+                return  # a new session started meanwhile, or the labels layer is gone
             snap, exists, mask = result
             index = seg.label_index(pos, seg.slice_of(pos))
             entry = {"kind": "prompt", "obj": obj_id, "pos": pos, "snap": snap, "sent": previous,
-                     "points": undo_points, "shapes": undo_shapes}
+                     "points": undo_points, "shapes": undo_shapes, "segmenter": seg}
             if not exists:  # its last prompt was deleted: the object goes, with all its labels
-                entry["erased"] = self._erase_object(obj_id)
+                entry["erased"] = self._erase_object(obj_id, seg.block_index(pos))
                 self._set_status(f"Object {obj_id} had no prompt left, so it was removed with its labels.")
             else:
                 entry["before"] = (index, np.array(self._labels.data[index], copy=True))
@@ -641,13 +672,21 @@ class SAM2Widget(Container):
 
         self._run(work, done, what="segmenting the slice", key=("segment", obj_id, pos))
 
-    def _erase_object(self, obj_id: int):
-        """Remove every label of a session object from the layer; returns what undo needs."""
-        data = self._labels.data
-        where = np.nonzero(np.asarray(data) == obj_id)
-        self._quietly(lambda: data.__setitem__(where, 0))
+    def _erase_object(self, obj_id: int, block: tuple):
+        """Remove a session object's labels from its session's slices (``block``, e.g. one
+        time point of a T-Z-Y-X movie); returns what undo needs."""
+        if obj_id in self._user_labels:
+            return None
+        part = self._labels.data[block]
+        where = np.nonzero(np.asarray(part) == obj_id)
+
+        def erase():
+            part[where] = 0
+            self._labels.data[block] = part
+
+        self._quietly(erase)
         self._labels.refresh()
-        return where
+        return block, where
 
     def _on_paint(self, event) -> None:
         """Painting with napari's brush into the Labels layer is a mask prompt."""
@@ -678,14 +717,24 @@ class SAM2Widget(Container):
                 return seg.snapshot(pos, obj_id), seg.set_mask(pos, obj_id, mask)
 
         def done(result):
+            if seg is not self._segmenter or self._labels is None:
+                return
             snap, out = result
-            self._push_undo({"kind": "paint", "obj": obj_id, "pos": pos, "snap": snap,
+            self._push_undo({"kind": "paint", "obj": obj_id, "pos": pos, "snap": snap, "segmenter": seg,
                              "before": (index, np.array(self._labels.data[index], copy=True))})
             self._write({obj_id: seg.to_data_order(out)}, index)
 
         self._run(work, done, what="using the painted mask", key=("paint", obj_id, pos))
 
     # ------------------------------------------------------------------ undo
+
+    def _undo_key(self, layer) -> None:
+        """Ctrl+Z: on the labels layer napari's own undo, unless the last change was a stroke
+        SAM 2 turned into a mask (then both go back together)."""
+        if layer is self._labels and not (self._undo and self._undo[-1]["kind"] == "paint"):
+            layer.undo()
+            return
+        self.undo()
 
     def _push_undo(self, entry: dict) -> None:
         self._undo.append(entry)
@@ -694,8 +743,13 @@ class SAM2Widget(Container):
     def undo(self) -> None:
         """Undo the last prompt change (click, box, paint stroke or deleted click): the labels
         it changed, the engine's state of that object, and the layer it came from."""
+        self._undo = [e for e in self._undo if e.get("segmenter") is self._segmenter]
         if self._segmenter is None or not self._undo:
             self._set_status("Nothing to undo.")
+            return
+        prompting = [k for k in [self._busy_key, *self._pending] if k is not None and k[0] != "prefetch"]
+        if prompting:
+            self._set_status("A prompt is being computed: press Ctrl+Z again when it is done.")
             return
         seg = self._segmenter
         entry = self._undo.pop()
@@ -708,8 +762,11 @@ class SAM2Widget(Container):
                 if "before" in entry:
                     index, before = entry["before"]
                     self._labels.data[index] = before
-                if "erased" in entry:
-                    self._labels.data[entry["erased"]] = entry["obj"]
+                if entry.get("erased") is not None:
+                    block, where = entry["erased"]
+                    part = self._labels.data[block]
+                    part[where] = entry["obj"]
+                    self._labels.data[block] = part
                 if entry["kind"] == "paint":
                     self._labels.undo()  # the brush stroke itself (napari's own history)
                 if entry.get("points") is not None:
@@ -717,11 +774,12 @@ class SAM2Widget(Container):
                     self._points.data = data
                     self._points.features = feats
                     self._points_state = entry["points"]
-                if entry.get("shapes") is not None:
-                    _, data, kinds = entry["shapes"]
+                if entry.get("shapes") is not None and self._shapes is not None:
+                    _, data, kinds, feats = entry["shapes"]
                     self._shapes.data = []
                     if data:
                         self._shapes.add(data, shape_type=kinds)
+                        self._shapes.features = feats
                     self._shapes_state = entry["shapes"]
 
             self._quietly(apply)
@@ -753,13 +811,12 @@ class SAM2Widget(Container):
         try:
             if seg.axis is None:
                 raise InputError("this image is 2D: there is no axis to propagate along")
-            session = seg.session(pos)
-            if not session.objects:
+            if not seg.has_objects(pos) and not self.is_busy:
                 raise InputError("give a prompt (a click, a box or a painted mask) before propagating")
         except InputError as err:
             _notify_error(f"napari-sam2: {err}")
             return
-        n = session.num_frames
+        n = len(seg.view(pos))
         stop = self._stop_after.value or None
         self._progress = progress(total=n if direction != "both" else 2 * n, desc=f"SAM 2: propagating {direction}")
         self._cancel_btn.enabled = True
@@ -788,6 +845,7 @@ class SAM2Widget(Container):
             elif self._cancelled:
                 self._set_status("Propagation cancelled; slices done so far are kept.")
             else:
+                self._clear_skipped(seg, pos)
                 self._set_status("Propagation finished.")
             self._cancelled = False
             self._prop_error = None
@@ -798,6 +856,16 @@ class SAM2Widget(Container):
         worker = self._make_worker(gen, on_yield=on_yield, on_done=finish, what="propagating", on_error=on_error)
         self._propagation = worker
         worker.start()
+
+    def _clear_skipped(self, seg, pos) -> None:
+        """Slices an early stop left out hold no label of that object (an earlier, longer
+        propagation may have written some)."""
+        if seg is not self._segmenter or self._labels is None:
+            return
+        for obj, indices in seg.skipped(pos).items():
+            for index in indices:
+                if obj not in self._user_labels:
+                    self._write({obj: np.zeros(self._labels.data[index].shape, bool)}, index)
 
     def cancel(self) -> None:
         """Stop a running propagation; slices already written stay."""
@@ -897,11 +965,11 @@ class SAM2Widget(Container):
             self._pending[key] = (work, done, what, quiet, on_error)
             return
         worker = self._make_worker(work, on_result=done, on_done=self._next, what=what, quiet=quiet, on_error=on_error)
-        self._busy = worker
+        self._busy, self._busy_key = worker, key
         worker.start()
 
     def _next(self, *_):
-        self._busy = None
+        self._busy, self._busy_key = None, None
         self._report_nonfinite()
         if self._pending:
             key = next(iter(self._pending))
