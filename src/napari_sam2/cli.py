@@ -326,12 +326,13 @@ def open_gui(
 def _segment(args) -> int:
     import numpy as np
 
-    from .io import write_labels
+    from .io import tiff_path, write_labels
     from .model import ImagePredictor, InputError, load_model
     from .model.devices import pick_device
 
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    target = tiff_path(args.output)  # what is written: ".tif" added to a bare name
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     _check_model(args.model)
     _check_checkpoint(args.checkpoint)
     device = pick_device(args.device)
@@ -346,12 +347,12 @@ def _segment(args) -> int:
     )
     masks = result.masks if result.masks.ndim == 2 else result.masks[int(np.argmax(result.iou))]
     try:
-        write_labels(args.output, masks.astype(np.uint16), overwrite=args.overwrite)
+        target = write_labels(args.output, masks.astype(np.uint16), overwrite=args.overwrite)
     except OSError as err:  # a folder that cannot be made or written to, a full disk
         raise InputError(
-            f"cannot write {args.output} ({err.strerror or err}); choose a writable place with -o/--output"
+            f"cannot write {target} ({err.strerror or err}); choose a writable place with -o/--output"
         ) from err
-    print(f"wrote {args.output} ({int(masks.sum())} pixels, predicted IoU {float(np.max(result.iou)):.2f})")
+    print(f"wrote {target} ({int(masks.sum())} pixels, predicted IoU {float(np.max(result.iou)):.2f})")
     return 0
 
 
