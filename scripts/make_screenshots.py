@@ -74,6 +74,8 @@ def main() -> None:
     pump(app, 1.0)
     viewer.screenshot(str(out / "03-propagated.png"), canvas_only=False)
     print("screenshots written to", out)
+    wait_idle(app, widget)  # let the background prefetch finish before the viewer goes
+    pump(app, 0.5)
     viewer.close()
 
 
