@@ -21,7 +21,7 @@ orientations in one batch.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from .config import ORIENTATION_CHOICES
 from .frames import FrameSource
 from .preprocess import InputError
 from .sam2 import FrameFeatures, SAM2Model
-from .video import LabelSeeds, StackSession, low_res_to_slice, run_sweeps
+from .video import SessionCommon, StackSession, low_res_to_slice, run_sweeps
 
 __all__ = [
     "ORIENTATIONS", "ORIENTATION_CHOICES", "EnsembleSession", "OrientedFrames",
@@ -134,8 +134,10 @@ class _Member(StackSession):
         return low_res.float().cpu()
 
 
-class EnsembleSession(LabelSeeds):
-    """A :class:`StackSession` run in ``orientations`` (1, 2, 4 or 8) orientations at once.
+class EnsembleSession(SessionCommon):
+    """A :class:`StackSession` run in ``orientations`` (1, 2, 4 or 8) orientations at once:
+    every orientation advances one slice at a time, and an object stops early where the
+    orientations' mean object score says absent.
 
     Takes StackSession's arguments (frames, intensity_range, fill_hole_area,
     non_overlap, corrections_as_conditioning, feature_cache_mb — shared by all
@@ -278,25 +280,6 @@ class EnsembleSession(LabelSeeds):
             m.prefetch(frames)
 
     # ------------------------------------------------------------------ propagation
-
-    def propagate(
-        self,
-        direction: str = "both",
-        *,
-        start: Optional[int] = None,
-        frame_range: Optional[Tuple[int, int]] = None,
-        obj_ids: Optional[Sequence[int]] = None,
-        object_ranges: Optional[Dict[int, Tuple[int, int]]] = None,
-        stop_after_absent: Optional[int] = None,
-        return_logits: bool = False,
-    ) -> Iterator[Tuple[int, Dict[int, np.ndarray]]]:
-        """As :meth:`StackSession.propagate`: every orientation advances one slice at a time,
-        and an object stops early where the orientations' mean object score says absent."""
-        for frame, ids, low, _scores in self.propagate_logits(
-            direction, start=start, frame_range=frame_range, obj_ids=obj_ids,
-            object_ranges=object_ranges, stop_after_absent=stop_after_absent,
-        ):
-            yield frame, low_res_to_slice(low, ids, (self.height, self.width), self.non_overlap, return_logits)
 
     def propagate_logits(self, direction: str = "both", *, stop_after_absent: Optional[int] = None, **plan_kwargs):
         """As :meth:`StackSession.propagate_logits`, with the orientations' mean logits."""

@@ -174,18 +174,20 @@ def gather_memory(
 
 
 def attend_to_memory(model: SAM2Model, feats: FrameFeatures, memories: List[Memory]) -> torch.Tensor:
-    """The frame's lowest-level features after attending to each memory: B C h w (one row
-    per memory). All memories must have the same layout (see :attr:`Memory.layout`)."""
-    x = feats.image_embed  # 1 C h w
+    """The frame's lowest-level features after attending to each memory: B C h w, one row
+    per memory (or per frame of a training batch, each with its own memory). All memories
+    must have the same layout (see :attr:`Memory.layout`)."""
+    x = feats.image_embed  # 1 C h w, or B C h w
     _, c, h, w = x.shape
-    b = len(memories)
     if len({m.layout for m in memories}) != 1:
         raise ValueError("memories of different layouts cannot share a batch")
-    memory = torch.cat([m.tokens for m in memories]) if b > 1 else memories[0].tokens
-    memory_pos = torch.cat([m.pos for m in memories]) if b > 1 else memories[0].pos
+    memory = torch.cat([m.tokens for m in memories])
+    memory_pos = torch.cat([m.pos for m in memories])
+    b = max(memory.shape[0], x.shape[0])
     curr = x.flatten(2).transpose(1, 2).expand(b, -1, -1)  # B hw C
     curr_pos = feats.pos.flatten(2).transpose(1, 2).expand(b, -1, -1)
-    out = model.memory_attention(curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens=memories[0].num_ptr_tokens)
+    out = model.memory_attention(curr, curr_pos, memory.expand(b, -1, -1), memory_pos.expand(b, -1, -1),
+                                 num_obj_ptr_tokens=memories[0].num_ptr_tokens)
     return out.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -210,12 +212,6 @@ def memory_conditioned_features(
     if is_init_cond_frame:  # nothing to remember yet
         return x + model.no_mem_embed.view(1, c, 1, 1)
     mem = gather_memory(model, feats, frame_idx, cond, non_cond, maskmem_pos, reverse, num_frames, use_pointers)
-    if b > 1 or mem.tokens.shape[0] > 1:  # training: a batch of clips, each with its own memory
-        mem = Memory(mem.tokens.expand(b, -1, -1), mem.pos.expand(b, -1, -1), mem.num_ptr_tokens)
-        curr = x.flatten(2).transpose(1, 2)
-        curr_pos = feats.pos.flatten(2).transpose(1, 2)
-        out = model.memory_attention(curr, curr_pos, mem.tokens, mem.pos, num_obj_ptr_tokens=mem.num_ptr_tokens)
-        return out.transpose(1, 2).reshape(b, c, h, w)
     return attend_to_memory(model, feats, [mem])
 
 

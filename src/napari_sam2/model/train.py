@@ -42,7 +42,13 @@ from .config import SAM2Config, get_config
 from .frames import FrameSource
 from .preprocess import InputError
 from .sam2 import FrameFeatures, HeadsOutput, SAM2Model, build_model
-from .tracking import FrameOutput, PointPrompt, encode_memory, maskmem_pos_tokens, track_step
+from .tracking import (
+    FrameOutput,
+    PointPrompt,
+    encode_memory,
+    maskmem_pos_tokens,
+    track_step,
+)
 
 __all__ = [
     "AnnotatedStack",

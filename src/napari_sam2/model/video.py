@@ -36,7 +36,7 @@ from .tracking import (
     upsample_to_model,
 )
 
-__all__ = ["LabelSeeds", "StackSession", "FeatureCache", "ObjectState", "Sweep", "run_sweeps"]
+__all__ = ["SessionCommon", "StackSession", "FeatureCache", "ObjectState", "Sweep", "run_sweeps"]
 
 
 def low_res_to_slice(
@@ -178,12 +178,44 @@ class ObjectState:
         )
 
 
-class LabelSeeds:
-    """Prompts from existing label images (shared by every session kind).
-
-    A 2D result of StarDist or Cellpose, or an old 3D segmentation, becomes the mask
-    prompts of tracked objects: each nonzero label is the object of that id.
+class SessionCommon:
+    """What every session kind (a :class:`StackSession`, an ensemble of them) builds on its
+    own ``add_mask`` and ``propagate_logits``: propagation into masks, and prompts from
+    existing label images (a 2D result of StarDist or Cellpose, or an old 3D segmentation:
+    each nonzero label becomes the mask prompt of the object with that id).
     """
+
+    def propagate(
+        self,
+        direction: str = "both",
+        *,
+        start: Optional[int] = None,
+        frame_range: Optional[Tuple[int, int]] = None,
+        obj_ids: Optional[Sequence[int]] = None,
+        object_ranges: Optional[Dict[int, Tuple[int, int]]] = None,
+        stop_after_absent: Optional[int] = None,
+        return_logits: bool = False,
+    ) -> Iterator[Tuple[int, Dict[int, np.ndarray]]]:
+        """Track objects from their prompted slices; yields (slice, {obj_id: mask}).
+
+        direction: "forward" (increasing index), "backward" or "both". Each object
+        is tracked from its own first prompted slice (see :meth:`plan`); start: one
+        first slice for all objects instead. frame_range: (first, last) inclusive
+        slices to stay within; object_ranges: {obj_id: (first, last)} per object.
+        obj_ids: track only these objects (default: all). stop_after_absent: stop
+        tracking an object in a direction after this many consecutive slices where
+        the model says it is absent (None: never); the slices left out are listed by
+        :meth:`skipped_frames` and a later propagation can still fill them.
+        Each yielded dict holds the objects computed on that slice. All objects that
+        step on a slice go through the model as one batch. Stop iterating at any
+        time: slices already yielded stay valid, and the session can propagate again.
+        """
+        for frame, ids, low, _scores in self.propagate_logits(
+            direction, start=start, frame_range=frame_range, obj_ids=obj_ids,
+            object_ranges=object_ranges, stop_after_absent=stop_after_absent,
+        ):
+            yield frame, low_res_to_slice(low, ids, (self.height, self.width), self.non_overlap, return_logits)
+
 
     def add_labels(self, frame: int, label_slice, *, return_logits: bool = False) -> Dict[int, np.ndarray]:
         """Every nonzero label on one slice (H x W integers) becomes the mask prompt of the
@@ -226,7 +258,7 @@ class LabelSeeds:
         return chosen
 
 
-class StackSession(LabelSeeds):
+class StackSession(SessionCommon):
     """Interactive tracking of objects through the slices of a stack.
 
     model: a loaded :class:`SAM2Model` (its device is the compute device).
@@ -579,37 +611,6 @@ class StackSession(LabelSeeds):
             if first:
                 sweeps.append(Sweep(True, first, {i: limits[i][0] for i in first}))
         return sweeps
-
-    def propagate(
-        self,
-        direction: str = "both",
-        *,
-        start: Optional[int] = None,
-        frame_range: Optional[Tuple[int, int]] = None,
-        obj_ids: Optional[Sequence[int]] = None,
-        object_ranges: Optional[Dict[int, Tuple[int, int]]] = None,
-        stop_after_absent: Optional[int] = None,
-        return_logits: bool = False,
-    ) -> Iterator[Tuple[int, Dict[int, np.ndarray]]]:
-        """Track objects from their prompted slices; yields (slice, {obj_id: mask}).
-
-        direction: "forward" (increasing index), "backward" or "both". Each object
-        is tracked from its own first prompted slice (see :meth:`plan`); start: one
-        first slice for all objects instead. frame_range: (first, last) inclusive
-        slices to stay within; object_ranges: {obj_id: (first, last)} per object.
-        obj_ids: track only these objects (default: all). stop_after_absent: stop
-        tracking an object in a direction after this many consecutive slices where
-        the model says it is absent (None: never); the slices left out are listed by
-        :meth:`skipped_frames` and a later propagation can still fill them.
-        Each yielded dict holds the objects computed on that slice. All objects that
-        step on a slice go through the model as one batch. Stop iterating at any
-        time: slices already yielded stay valid, and the session can propagate again.
-        """
-        for frame, ids, low, _scores in self.propagate_logits(
-            direction, start=start, frame_range=frame_range, obj_ids=obj_ids,
-            object_ranges=object_ranges, stop_after_absent=stop_after_absent,
-        ):
-            yield frame, low_res_to_slice(low, ids, (self.height, self.width), self.non_overlap, return_logits)
 
     def propagate_logits(self, direction: str = "both", *, stop_after_absent: Optional[int] = None, **plan_kwargs):
         """As :meth:`propagate`, yielding (slice, obj_ids, B 1 4h 4w low-resolution logits,
