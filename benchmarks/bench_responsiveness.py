@@ -57,18 +57,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(get_config("sam2.1_hiera_tiny").with_image_size(args.size))
     model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.data.fill_(8.0)
-    widget._model = model
-    widget._image_combo.value = layer
+    widget.configure(image=layer, loaded_model=model, orientations=1)
     widget.start()
-    measure(app, lambda: not widget.is_busy and widget._segmenter is not None)
+    measure(app, lambda: not widget.is_busy and widget.session_started)
     viewer.dims.current_step = (0, 0, 0)
-    widget._points.add(np.array([[0, 96, 96]], float))
+    widget.points_layer.add(np.array([[0, 96, 96]], float))
     measure(app, lambda: not widget.is_busy)
 
     _, idle = measure(app, 3.0)
     widget.propagate("forward")
-    wall, busy = measure(app, lambda: widget._propagation is None)
-    done = sum(bool(widget._labels.data[z].any()) for z in range(args.slices))
+    wall, busy = measure(app, lambda: not widget.is_busy)
+    done = sum(bool(widget.labels_layer.data[z].any()) for z in range(args.slices))
     print(f"sam2.1_hiera_tiny at {args.size}px, {args.slices} slices of 192x192, 10 ms timer on the GUI thread")
     print(f"idle:        {len(idle) + 1} ticks in 3.0 s; gap median {np.median(idle):.1f} ms, p99 {np.percentile(idle, 99):.1f} ms, max {idle.max():.1f} ms")
     print(f"propagating: {len(busy) + 1} ticks in {wall:.1f} s ({done} slices written); gap median {np.median(busy):.1f} ms, "

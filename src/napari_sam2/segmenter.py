@@ -219,10 +219,12 @@ class StackSegmenter:
         return tuple(slice(None) if a == self.axis or a in self.displayed else int(position[a]) for a in range(nd))
 
     def skipped(self, position: Sequence[int]) -> Dict[int, List[tuple]]:
-        """{obj_id: labels indices of the slices its last propagation left out (early stop)}."""
-        with self.lock:
-            s = self.session(position)
-            return {i: [self.label_index(position, f) for f in s.skipped_frames(i)] for i in s.obj_ids}
+        """{obj_id: labels indices of the slices its last propagation left out (early stop)}.
+        Reads without waiting for running work (the GUI thread calls it)."""
+        s = self.sessions.get(self.key(position))
+        if s is None:
+            return {}
+        return {i: [self.label_index(position, f) for f in s.skipped_frames(i)] for i in list(s.obj_ids)}
 
     def has_objects(self, position: Sequence[int]) -> bool:
         """Whether the session at ``position`` holds an object (without waiting for running work)."""
