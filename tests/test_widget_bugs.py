@@ -106,7 +106,7 @@ def test_existing_labels_are_never_overwritten(make_napari_viewer, qtbot, model,
 
     def choose(viewer, widget):
         chosen["layer"] = viewer.add_labels(mine.copy(), name="mine")
-        widget._output_combo.value = chosen["layer"]
+        widget.configure(output=chosen["layer"])
 
     viewer, layer, widget = start(make_napari_viewer, qtbot, model, data, before_start=choose)
     lab = chosen["layer"]
@@ -137,7 +137,7 @@ def test_uint8_layer_holding_255_is_widened(make_napari_viewer, qtbot, model, no
 
     def choose(viewer, widget):
         chosen["layer"] = viewer.add_labels(mine, name="mine8")
-        widget._output_combo.value = chosen["layer"]
+        widget.configure(output=chosen["layer"])
 
     viewer, _layer, widget = start(make_napari_viewer, qtbot, model, data, before_start=choose)
     lab = chosen["layer"]
@@ -165,7 +165,7 @@ def test_gui_opens_a_calibrated_file_and_saves_its_calibration(make_napari_viewe
     widget.configure(loaded_model=model, orientations=1)
     widget.start()
     qtbot.waitUntil(lambda: not widget.is_busy and widget.session_started, timeout=TIMEOUT)
-    assert widget._axes_edit.value == "TZYX"
+    assert widget.axes == "TZYX"
     np.testing.assert_allclose(widget.labels_layer.scale, (60.0, 2.0, 0.325, 0.325))
     out = widget.save_labels(tmp_path / "labels")  # no extension typed
     assert out.name == "labels.tif"
@@ -242,8 +242,8 @@ def test_propagation_error_stays_on_screen(make_napari_viewer, qtbot, model, not
     viewer, _layer, widget = start(make_napari_viewer, qtbot, model, volume())
     click(viewer, widget, 3, 21, 20)
     wait(qtbot, widget)
-    seg = widget._segmenter
-    session = seg.session(widget._position())
+    seg = widget.segmenter
+    session = seg.session(viewer.dims.current_step)
     original = session.step
 
     def failing(frame, ids, reverse):
@@ -279,7 +279,7 @@ def test_contrast_change_reaches_the_model(make_napari_viewer, qtbot, model, not
 
 def test_orientation_change_after_start_is_announced(make_napari_viewer, qtbot, model, notices):
     _viewer, _layer, widget = start(make_napari_viewer, qtbot, model, volume())
-    widget._orientations.value = 4
+    widget.configure(orientations=4)
     assert "next Start session" in widget.status
 
 
@@ -291,7 +291,7 @@ def test_click_during_propagation_is_serialised(make_napari_viewer, qtbot, model
     viewer, layer, widget = start(make_napari_viewer, qtbot, model, data)
     click(viewer, widget, 0, 18, 20)
     wait(qtbot, widget)
-    session = widget._segmenter.session(widget._position())
+    session = widget.segmenter.session(viewer.dims.current_step)
     original = session.step
 
     def slow_step(frame, ids, reverse):  # slices take long enough to click between them
@@ -494,3 +494,28 @@ def test_deleting_a_click_at_one_time_point_keeps_other_time_points(make_napari_
     wait(qtbot, widget)
     assert not (widget.labels_layer.data[1] == 1).any()
     np.testing.assert_array_equal(widget.labels_layer.data[0], kept)
+
+
+def test_slices_left_out_by_an_early_stop_lose_stale_labels(make_napari_viewer, qtbot, model, notices, monkeypatch):
+    data = volume(n=12)
+    viewer, _layer, widget = start(make_napari_viewer, qtbot, model, data)
+    widget.configure(stop_after=0)
+    click(viewer, widget, 2, 21, 20)
+    wait(qtbot, widget)
+    widget.propagate("forward")  # never stops: labels on slices 2..11
+    wait(qtbot, widget)
+    assert all((widget.labels_layer.data[z] == 1).any() for z in range(2, 12))
+    session = widget.segmenter.session(viewer.dims.current_step)
+    original = session.step
+
+    def absent_from_6(frame, ids, reverse):  # the model now finds the object absent from slice 6 on
+        low, scores = original(frame, ids, reverse)
+        return low, scores if frame < 6 else scores * 0 - 5
+
+    monkeypatch.setattr(session, "step", absent_from_6)
+    widget.configure(stop_after=1)
+    widget.propagate("forward")
+    wait(qtbot, widget)
+    assert widget.status == "Propagation finished."
+    assert all((widget.labels_layer.data[z] == 1).any() for z in range(2, 6))
+    assert not (widget.labels_layer.data[7:] == 1).any()  # left out, and the old labels are gone

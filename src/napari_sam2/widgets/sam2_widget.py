@@ -270,13 +270,15 @@ class SAM2Widget(Container):
 
     def configure(self, *, image=None, model: "str | None" = None, checkpoint=None, orientations: "int | None" = None,
                   fast: "bool | None" = None, device: "str | None" = None, loaded_model=None,
-                  axis: "int | None" = None) -> None:
+                  axis: "int | None" = None, stop_after: "int | None" = None, output=None) -> None:
         """Set the widget's choices from Python (the CLI and scripts use this).
 
         image: an Image layer of the viewer; model: a registry name; checkpoint: a
         weights file (the model becomes "choose a checkpoint file…"); loaded_model: an
         already loaded SAM2Model to use instead of loading one; axis: the data axis to
-        propagate along.
+        propagate along; stop_after: stop an object after that many empty slices (0: never;
+        set it after Start session, which chooses a default for the axis); output: an existing
+        Labels layer to write into (default: a new one).
         """
         if image is not None:
             self._image_combo.value = image
@@ -294,6 +296,11 @@ class SAM2Widget(Container):
             self._fast.value = bool(fast)
         if device is not None:
             self._device_combo.value = device
+        if stop_after is not None:
+            self._stop_after.value = int(stop_after)
+        if output is not None:
+            self._output_combo.reset_choices()
+            self._output_combo.value = output
         if loaded_model is not None:
             # used for the choices made so far; choosing another model later loads that one
             name, ckpt = self._model_choice()
@@ -493,6 +500,16 @@ class SAM2Widget(Container):
     @property
     def shapes_layer(self):
         return self._shapes
+
+    @property
+    def axes(self) -> str:
+        """The axis letters labels are saved with (the Axes for TIFF field)."""
+        return self._axes_edit.value
+
+    @property
+    def segmenter(self):
+        """The Qt-free :class:`~napari_sam2.segmenter.StackSegmenter` of the session (None before)."""
+        return self._segmenter
 
     @property
     def session_started(self) -> bool:
