@@ -336,3 +336,14 @@ def test_early_stop_takes_the_object_up_again_at_its_own_prompt():
     assert 12 in frames  # taken up again at the user's own click on slice 12
     assert not set(range(4, 12)) & set(frames)  # after stopping in between
     assert set(s.skipped_frames(1)) >= set(range(4, 12))
+
+
+def test_a_prompt_on_a_skipped_slice_is_no_longer_skipped():
+    data, centres = blobs(n=12, count=1, seed=2)
+    cy, cx = centres[0]
+    s = StackSession(absent_model(), data, intensity_range=RANGE)
+    s.add_points(2, 1, points=[[cx, cy]], labels=[1])
+    list(s.propagate("forward", stop_after_absent=1))
+    assert 9 in s.skipped_frames(1)
+    s.add_points(9, 1, points=[[cx, cy + 1.4]], labels=[1])  # the user prompts a left-out slice
+    assert 9 not in s.skipped_frames(1)

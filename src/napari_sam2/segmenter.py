@@ -224,7 +224,13 @@ class StackSegmenter:
         s = self.sessions.get(self.key(position))
         if s is None:
             return {}
-        return {i: [self.label_index(position, f) for f in s.skipped_frames(i)] for i in list(s.obj_ids)}
+        out = {}
+        for i in list(s.obj_ids):
+            try:
+                out[i] = [self.label_index(position, f) for f in s.skipped_frames(i)]
+            except InputError:  # removed meanwhile by a click's worker
+                pass
+        return out
 
     def has_objects(self, position: Sequence[int]) -> bool:
         """Whether the session at ``position`` holds an object (without waiting for running work)."""

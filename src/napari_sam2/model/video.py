@@ -95,7 +95,7 @@ def run_sweeps(session, sweeps: Sequence[Sweep], step, stop_after_absent: Option
             ids = [i for i in sweep.starts if sweep.active(frame, i) and planned[i] is not None
                    and session.objects.get(i) is planned[i]]
             for i in ids:  # an object's own prompted slice takes it up again after a stop
-                if i in stopped and frame in planned[i].cond:
+                if i in stopped and (frame in planned[i].cond or frame in planned[i].pending_cond):
                     stopped.discard(i)
                     absent[i] = 0
             for i in [i for i in ids if i in stopped]:
@@ -411,6 +411,7 @@ class StackSession(SessionCommon):
             torch.from_numpy(lab[None].astype(np.int32)).to(self.device),
         )
         old = obj.points.get(frame)
+        obj.skipped.discard(frame)
         prompt = new if (clear or old is None) else old.extended(new.coords, new.labels)
         obj.points[frame] = prompt
         obj.masks.pop(frame, None)
@@ -437,6 +438,7 @@ class StackSession(SessionCommon):
     def _add_model_mask(self, frame: int, obj_id: int, t: torch.Tensor, *, return_logits: bool):
         """add_mask with a checked mask already at model-input size."""
         obj = self._object(obj_id, create=True)
+        obj.skipped.discard(frame)
         obj.masks[frame] = t
         obj.points.pop(frame, None)
         return self._run_prompted(obj, frame, prompt=None, mask=t, return_logits=return_logits)
@@ -679,7 +681,8 @@ class StackSession(SessionCommon):
 
     def skipped_frames(self, obj_id: int) -> List[int]:
         """Slices the last propagation of ``obj_id`` left out (stopped early): empty there."""
-        return sorted(self._object(obj_id).skipped)
+        obj = self._object(obj_id)
+        return sorted(obj.skipped - set(obj.prompted_frames))
 
     # ------------------------------------------------------------------ accounting
 

@@ -523,6 +523,8 @@ class SAM2Widget(Container):
         used = max(used, max(self._user_labels, default=0))
         if self._points is not None and len(self._points.features):
             used = max(used, int(self._points.features["object"].max()))
+        if self._shapes is not None and len(self._shapes.features):
+            used = max(used, int(self._shapes.features["object"].max()))
         self._ensure_dtype(used + 1)
         self._labels.selected_label = used + 1
         self._sync_defaults()
@@ -748,10 +750,11 @@ class SAM2Widget(Container):
     def _undo_key(self, layer) -> None:
         """Ctrl+Z: on the labels layer napari's own undo, unless the last change was a stroke
         SAM 2 turned into a mask (then both go back together)."""
-        if layer is self._labels and not (self._undo and self._undo[-1]["kind"] == "paint"):
+        painting = any(k is not None and k[0] == "paint" for k in [self._busy_key, *self._pending])
+        if layer is self._labels and not painting and not (self._undo and self._undo[-1]["kind"] == "paint"):
             layer.undo()
             return
-        self.undo()
+        self.undo()  # refuses while a stroke is still being turned into a mask
 
     def _push_undo(self, entry: dict) -> None:
         self._undo.append(entry)
@@ -767,6 +770,7 @@ class SAM2Widget(Container):
         prompting = [k for k in [self._busy_key, *self._pending] if k is not None and k[0] != "prefetch"]
         if prompting:
             self._set_status("A prompt is being computed: press Ctrl+Z again when it is done.")
+            _notify_info("napari-sam2: a prompt is being computed; press Ctrl+Z again when it is done.")
             return
         seg = self._segmenter
         entry = self._undo.pop()
@@ -879,10 +883,23 @@ class SAM2Widget(Container):
         propagation may have written some)."""
         if seg is not self._segmenter or self._labels is None:
             return
+        by_slice: dict = {}
         for obj, indices in seg.skipped(pos).items():
+            if obj in self._user_labels:
+                continue
             for index in indices:
-                if obj not in self._user_labels:
-                    self._write({obj: np.zeros(self._labels.data[index].shape, bool)}, index)
+                by_slice.setdefault(repr(index), (index, set()))[1].add(obj)
+        changed = False
+        for index, objs in by_slice.values():
+            sl = np.asarray(self._labels.data[index])
+            stale = np.isin(sl, list(objs))
+            if stale.any():
+                sl = sl.copy()
+                sl[stale] = 0
+                self._quietly(lambda index=index, sl=sl: self._labels.data.__setitem__(index, sl))
+                changed = True
+        if changed:
+            self._labels.refresh()
 
     def cancel(self) -> None:
         """Stop a running propagation; slices already written stay."""
