@@ -63,6 +63,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_video import write_jpegs  # noqa: E402  (0.jpg, 1.jpg... and what PIL decodes from them)
 
 MODEL = "sam2.1_hiera_tiny"
 SEED = 0
@@ -90,18 +92,6 @@ def make_stack(size: int, depth: int, n_objects: int, seed: int):
 def to_uint8(image: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(image, (0.5, 99.8))
     return np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1e-6) * 255, 0, 255).round().astype(np.uint8)
-
-
-def write_jpegs(frames: np.ndarray, folder: Path) -> np.ndarray:
-    """0.jpg, 1.jpg... (the reference's only way in) and what PIL decodes from them (N H W 3)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, f in enumerate(frames):
-        Image.fromarray(f).save(folder / f"{i}.jpg", quality=95)
-        out.append(np.array(Image.open(folder / f"{i}.jpg").convert("RGB")))
-    return np.stack(out)
 
 
 def make_clicks(labels: np.ndarray, n: int):

@@ -47,7 +47,7 @@ def click_slice(gt: np.ndarray, how: str) -> int:
 
 def collect(stream, ids):
     """Per-object (N, H, W) masks and slice counts from a propagation's (slice, {id: mask}) stream."""
-    masks, counts = {}, {i: 0 for i in ids}
+    masks, counts = {}, dict.fromkeys(ids, 0)
     for f, d in stream:
         for i, m in d.items():
             if i not in masks:

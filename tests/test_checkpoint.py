@@ -262,47 +262,42 @@ def test_cached_file_not_matching_the_published_sum_is_refused(offline, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "napari-sam2 fetch sam2.1_hiera_tiny" in err[0]
 
 
-def test_verified_file_is_not_hashed_on_every_load(server, tmp_path, monkeypatch):
-    from napari_sam2.model import checkpoint as ckpt
-
+def test_verified_file_is_not_hashed_on_every_load(server, tmp_path):
     base, handler = server
     handler.payload = b"0123456789" * 10_000
     digest = hashlib.sha256(handler.payload).hexdigest()
     url, cache = f"{base}/w.pt", tmp_path / "cache"
     path = fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False)
-    hashed = []
-    real = ckpt._sha256
-    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p) or real(p))
     handler.payload = b"the server now serves something else"
-    # verified at download: later uses read nothing
+    # verified at download: later uses neither download nor read it
     assert fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False) == path
     assert fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False) == path
-    assert hashed == []
     # the proof that it is not read: other bytes, same size and modification time, still accepted
     stat = path.stat()
     path.write_bytes(b"9" * stat.st_size)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False) == path
-    assert hashed == []
     # a new modification time makes it hash the file again, and refuse it
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     with pytest.raises(CheckpointError, match="not the published file"):
         fetch_checkpoint(url, sha256=digest, folder=cache, progressbar=False)
-    assert hashed == [path]
 
 
-def test_file_put_in_the_cache_by_hand_is_checked_once(tmp_path, offline, monkeypatch):
+def test_file_put_in_the_cache_by_hand_is_checked_once(tmp_path, offline):
     """The offline route (copy the file into the cache): hashed on first use, then trusted."""
-    from napari_sam2.model import checkpoint as ckpt
-
     content = b"weights copied from another computer" * 100
     digest = hashlib.sha256(content).hexdigest()
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "m.pt").write_bytes(content)
-    hashed = []
-    real = ckpt._sha256
-    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p) or real(p))
+    path = cache / "m.pt"
+    path.write_bytes(content[::-1])  # a wrong file copied by hand is refused on first use
+    with pytest.raises(CheckpointError, match="not the published file"):
+        fetch_checkpoint("https://example.invalid/m.pt", sha256=digest, folder=cache)
+    path.write_bytes(content)
     for _ in range(3):
-        assert fetch_checkpoint("https://example.invalid/m.pt", sha256=digest, folder=cache) == cache / "m.pt"
-    assert len(hashed) == 1
+        assert fetch_checkpoint("https://example.invalid/m.pt", sha256=digest, folder=cache) == path
+    # once verified it is not read again: other bytes with the same size and time pass
+    stat = path.stat()
+    path.write_bytes(b"x" * stat.st_size)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fetch_checkpoint("https://example.invalid/m.pt", sha256=digest, folder=cache) == path

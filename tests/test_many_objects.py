@@ -245,7 +245,7 @@ def test_bad_label_seeds_are_refused(model):
 def test_overlaps_go_to_the_higher_logit(model):
     data, centres = blobs(n=4, count=2, seed=6)
     cy, cx = centres[0]
-    kw = dict(intensity_range=RANGE)
+    kw = {"intensity_range": RANGE}
     plain = StackSession(model, data, **kw)
     exclusive = StackSession(model, data, non_overlap=True, **kw)
     for s in (plain, exclusive):  # two objects clicked on the same disc: they overlap
@@ -321,8 +321,8 @@ def test_restored_object_survives_pruning_by_a_later_propagation(model):
     fresh.add_points(35, 1, points=[[cx, cy + 7]], labels=[1])
     want = {f: m[1] for f, m in fresh.propagate("both", return_logits=True)}
     assert got.keys() == want.keys()
-    for f in want:
-        np.testing.assert_allclose(got[f], want[f], atol=1e-4, err_msg=f"slice {f}")
+    for f, logits in want.items():
+        np.testing.assert_allclose(got[f], logits, atol=1e-4, err_msg=f"slice {f}")
 
 
 def test_early_stop_takes_the_object_up_again_at_its_own_prompt():

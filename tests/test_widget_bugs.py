@@ -108,7 +108,7 @@ def test_existing_labels_are_never_overwritten(make_napari_viewer, qtbot, model,
         chosen["layer"] = viewer.add_labels(mine.copy(), name="mine")
         widget.configure(output=chosen["layer"])
 
-    viewer, layer, widget = start(make_napari_viewer, qtbot, model, data, before_start=choose)
+    viewer, _layer, widget = start(make_napari_viewer, qtbot, model, data, before_start=choose)
     lab = chosen["layer"]
     assert lab.selected_label == 3  # new objects start above the user's labels
     viewer.layers.selection.active = widget.points_layer
@@ -186,7 +186,9 @@ def test_gui_opens_a_calibrated_file_and_saves_its_calibration(make_napari_viewe
 
 def test_click_colours_follow_their_own_polarity(make_napari_viewer, qtbot, model, notices):
     viewer, _layer, widget = start(make_napari_viewer, qtbot, model, volume())
-    green, red = sw._rgba(sw.POSITIVE_COLOR), sw._rgba(sw.NEGATIVE_COLOR)
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    green, red = transform_color(sw.POSITIVE_COLOR)[0], transform_color(sw.NEGATIVE_COLOR)[0]
     click(viewer, widget, 3, 21, 20)
     wait(qtbot, widget)
     widget.toggle_polarity()  # T: the existing positive click stays green
@@ -202,18 +204,22 @@ def test_click_colours_follow_their_own_polarity(make_napari_viewer, qtbot, mode
 # ---------------------------------------------------------------- 5. long messages
 
 
-def test_long_message_does_not_widen_the_dock(make_napari_viewer, qtbot, model, notices):
-    viewer, _layer, widget = start(make_napari_viewer, qtbot, model, volume())
+def test_long_message_does_not_widen_the_dock(make_napari_viewer, qtbot, model, notices, tmp_path):
+    _viewer, _layer, widget = start(make_napari_viewer, qtbot, model, volume())
     window = widget.native.window()
     window.resize(1400, 900)
     qtbot.wait(50)
     width = window.width()
-    long = "could not download sam2.1_hiera_tiny: " + "no route to host; " * 35  # ~660 characters
-    widget._set_status(long)
+    # a model that cannot load, with a ~650-character path in its error message
+    missing = tmp_path / ("very-long-folder-name-" * 9) / ("nested-" * 30) / ("checkpoint-" * 15 + ".pt")
+    widget.configure(checkpoint=missing)
+    widget.start()
+    wait(qtbot, widget)
     qtbot.wait(50)
+    assert len(widget.status_details) > 600
     assert widget.native.width() <= sw.DOCK_MAX_WIDTH
     assert window.width() <= width
-    assert len(widget.status) <= sw.STATUS_CHARS and widget._status.tooltip == long
+    assert len(widget.status) <= sw.STATUS_CHARS and widget.status_details.startswith(widget.status[:100])
 
 
 # ---------------------------------------------------------------- 6, 13. NaN voxels
@@ -222,7 +228,7 @@ def test_long_message_does_not_widen_the_dock(make_napari_viewer, qtbot, model, 
 def test_nan_voxel_is_background_and_an_error_is_not_called_finished(make_napari_viewer, qtbot, model, notices):
     data = volume().astype(np.float32)
     data[5, 10, 10] = np.nan
-    viewer, layer, widget = start(make_napari_viewer, qtbot, model, data, contrast_limits=(900, 2600))
+    viewer, _layer, widget = start(make_napari_viewer, qtbot, model, data, contrast_limits=(900, 2600))
     click(viewer, widget, 3, 21, 20)
     wait(qtbot, widget)
     widget.propagate("forward")
@@ -424,7 +430,6 @@ def test_start_again_does_not_reuse_old_clicks(make_napari_viewer, qtbot, model,
 def test_failed_model_change_keeps_the_list_on_the_model_in_use(make_napari_viewer, qtbot, model, notices, tmp_path):
     _viewer, _layer, widget = start(make_napari_viewer, qtbot, model, volume())
     in_use = widget.model_choice
-    widget._model = None  # the next Start loads from the choice
     widget.configure(checkpoint=tmp_path / "missing.pt")
     widget.start()
     wait(qtbot, widget)
@@ -481,8 +486,8 @@ def test_a_click_for_another_object_keeps_a_box_and_its_object(make_napari_viewe
 
 def test_deleting_a_click_at_one_time_point_keeps_other_time_points(make_napari_viewer, qtbot, model, notices):
     data = volume(n=4)[None].repeat(2, axis=0)  # T Z Y X, propagated along Z: a session per time point
-    viewer, layer, widget = start(make_napari_viewer, qtbot, model, data,
-                                  before_start=lambda v, w: w.configure(axis=1))
+    viewer, _layer, widget = start(make_napari_viewer, qtbot, model, data,
+                                   before_start=lambda v, w: w.configure(axis=1))
     for t in (0, 1):  # the same object id at two time points
         viewer.dims.current_step = (t, 2, 0, 0)
         widget.points_layer.add(np.array([[t, 2, 21, 20]], float))

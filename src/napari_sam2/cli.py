@@ -15,17 +15,6 @@ _COORDINATE_OPTIONS = ("--point", "--negative", "--box")
 _NEGATIVE_VALUE = re.compile(r"-[0-9.]")
 
 
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("napari-sam2")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        from . import __version__
-
-        return __version__
-
-
 def _attach_negative_values(argv: Sequence[str]) -> List[str]:
     """``--point -5,10`` -> ``--point=-5,10``: argparse would take ``-5,10`` for an option."""
     out: List[str] = []
@@ -69,7 +58,9 @@ def _add_orientations(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-sam2", description="Segment Anything 2 for microscopy images and stacks")
-    p.add_argument("--version", action="version", version=f"napari-sam2 {_package_version()}")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"napari-sam2 {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the registered models and their download URLs")
@@ -411,10 +402,10 @@ def _evaluate(args) -> int:
     from .model.devices import pick_device
     from .model.ensemble import default_orientations
     from .model.evaluate import click_and_propagate, slice_table
+    from .sample_data import nuclei_3d
 
     if args.stop_after is not None and args.stop_after < 1:
         raise InputError(f"--stop-after must be 1 or more (slices), got {args.stop_after}; leave it out to never stop")
-    from .sample_data import nuclei_3d
 
     if not args.pair and not args.synthetic_seeds:
         raise InputError("no data: give --pair IMAGE LABELS and/or --synthetic-seeds SEED ...")

@@ -14,6 +14,7 @@ the axes, voxel size and unit of a napari Labels layer for it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -161,11 +162,24 @@ def _map_axes(file_axes: str, shape: Sequence[int], planar_samples: str = "C") -
     return axes, rgb
 
 
+def _first_tags(tif):
+    pages = tif.pages
+    return (pages.first if hasattr(pages, "first") else pages[0]).tags
+
+
+def _pixel_size(tags, tag: str) -> Optional[float]:
+    """The pixel size a resolution tag (pixels per unit, as a fraction) gives, if valid."""
+    res = getattr(tags.get(tag), "value", None)
+    try:
+        return _positive(float(res[1]) / float(res[0]))
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
+
+
 def _imagej_calibration(tif) -> Dict[str, Tuple[float, str]]:
     """{axis: (step, unit)} from ImageJ metadata and the resolution tags."""
     meta = tif.imagej_metadata or {}
-    page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
-    tags = page.tags
+    tags = _first_tags(tif)
     cal: Dict[str, Tuple[float, str]] = {}
     unit = meta.get("unit")
     if unit is None:
@@ -173,11 +187,7 @@ def _imagej_calibration(tif) -> Dict[str, Tuple[float, str]]:
         resunit = int(getattr(tags.get("ResolutionUnit"), "value", 1) or 1)
         unit = {2: "inch", 3: "cm"}.get(resunit)
     for axis, tag, key in (("X", "XResolution", "unit"), ("Y", "YResolution", "yunit")):
-        res = getattr(tags.get(tag), "value", None)
-        try:
-            size = _positive(float(res[1]) / float(res[0]))
-        except (TypeError, ValueError, ZeroDivisionError, IndexError):
-            size = None
+        size = _pixel_size(tags, tag)
         if size is not None:
             cal[axis] = _calibrated_length(size, meta.get(key, unit))
     spacing = _positive(meta.get("spacing"))
@@ -236,18 +246,13 @@ def _lsm_calibration(tif) -> Dict[str, Tuple[float, str]]:
 def _tiff_resolution_calibration(tif) -> Dict[str, Tuple[float, str]]:
     """A plain TIFF's resolution tags, when in a metric unit (inch resolutions are
     screen or print dpi, not a pixel size)."""
-    page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
-    tags = page.tags
+    tags = _first_tags(tif)
     unit = {3: "cm", 4: "mm", 5: "µm"}.get(int(getattr(tags.get("ResolutionUnit"), "value", 1) or 1))
     if unit is None:
         return {}
     cal = {}
     for axis, tag in (("X", "XResolution"), ("Y", "YResolution")):
-        res = getattr(tags.get(tag), "value", None)
-        try:
-            size = _positive(float(res[1]) / float(res[0]))
-        except (TypeError, ValueError, ZeroDivisionError, IndexError):
-            size = None
+        size = _pixel_size(tags, tag)
         if size is not None:
             cal[axis] = _calibrated_length(size, unit)
     return cal
@@ -522,7 +527,7 @@ def write_labels(
         meta: Dict[str, Any] = {"axes": axes}
         if length_unit is not None:
             meta["unit"] = length_unit
-        kwargs: Dict[str, Any] = dict(imagej=True, metadata=meta)
+        kwargs: Dict[str, Any] = {"imagej": True, "metadata": meta}
         if "X" in sp or "Y" in sp:
             kwargs["resolution"] = (1.0 / sp.get("X", sp.get("Y")), 1.0 / sp.get("Y", sp.get("X")))
         if "Z" in sp:
@@ -544,7 +549,7 @@ def write_labels(
         if "T" in sp:
             meta["TimeIncrement"] = sp["T"]
             meta["TimeIncrementUnit"] = "s"
-        kwargs = dict(ome=True, metadata=meta)
+        kwargs = {"ome": True, "metadata": meta}
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -556,10 +561,8 @@ def write_labels(
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
         if isinstance(exc, (OSError, ValueError, TypeError)):  # TiffFileError is a ValueError
             raise _write_error(exc, path, tmp) from exc
         raise
@@ -568,10 +571,7 @@ def write_labels(
 
 def _write_error(exc: BaseException, path: Path, tmp: Optional[str]) -> Exception:
     """``exc`` restated about ``path``, not the temporary file it happened on."""
-    if isinstance(exc, OSError):
-        reason = exc.strerror or str(exc)
-    else:
-        reason = str(exc)
+    reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
     if tmp:
         reason = reason.replace(str(tmp), str(path)).replace(os.path.basename(tmp), path.name)
     message = f"could not write labels to {path}: {reason or type(exc).__name__}"

@@ -8,6 +8,7 @@ Each fixed position gets its own :class:`~napari_sam2.model.video.StackSession`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -184,10 +185,10 @@ class StackSegmenter:
             return None
         if box is not None:
             c = np.asarray(box, np.float64).reshape(-1, 2)
-            extent = c.max(0) - c.min(0)
-            area = float(extent[0] * extent[1]) * (size / h) * (size / w)
+            pixels = float(np.prod(c.max(0) - c.min(0)))
         else:
-            area = float(np.count_nonzero(mask)) * (size / h) * (size / w)
+            pixels = float(np.count_nonzero(mask))
+        area = pixels * (size / h) * (size / w)  # at the model's input
         if area >= min_model_pixels:
             return None
         what = "an empty mask" if area == 0 else f"an object of about {area:.0f} pixels"
@@ -226,10 +227,8 @@ class StackSegmenter:
             return {}
         out = {}
         for i in list(s.obj_ids):
-            try:
+            with contextlib.suppress(InputError):  # removed meanwhile by a click's worker
                 out[i] = [self.label_index(position, f) for f in s.skipped_frames(i)]
-            except InputError:  # removed meanwhile by a click's worker
-                pass
         return out
 
     def has_objects(self, position: Sequence[int]) -> bool:
@@ -301,13 +300,8 @@ class StackSegmenter:
             raise InputError("this image is 2D: there is no axis to propagate along")
         with self.lock:
             run = self.session(position).propagate(direction, frame_range=frame_range, **options)
-            first = next(run, None)  # prompts are checked and committed here
-        if first is None:
-            return
-        f, masks = first
-        yield self.label_index(position, f), {k: self.to_data_order(m) for k, m in masks.items()}
         while True:
-            with self.lock:
+            with self.lock:  # the first step checks and commits the prompts
                 item = next(run, None)
             if item is None:
                 return

@@ -218,30 +218,25 @@ def _check_cached(path: Path, url: str, sha256: Optional[str]) -> None:
     trust-on-first-use record (``<file>.sha256``) says; without one the
     recorded sum of the first download does, if there is one.
     """
-    if sha256:
-        if _verified_unchanged(path, sha256):
-            return
-        actual = _sha256(path)
-        if actual != sha256:
-            name = next((n for n, info in CHECKPOINTS.items() if info.url == url), None)
-            again = f"run `napari-sam2 fetch {name}`" if name else f"fetch {url} again"
-            raise CheckpointError(
-                f"the cached checkpoint {path} is not the published file (its SHA-256 sum is {actual}, "
-                f"expected {sha256}); it may be damaged, or an unchecked download kept from an older "
-                f"version of napari-sam2. Delete {path} and {again} to download it again."
-            )
-        _record_verified(path, sha256)
-        return
     side = path.with_name(path.name + ".sha256")
-    if side.exists():
-        expected = side.read_text().strip()
-        if expected and not _verified_unchanged(path, expected):
-            if _sha256(path) != expected:
-                raise CheckpointError(
-                    f"{path} changed since it was downloaded (SHA-256 differs from {side}); "
-                    "delete both files to download it again."
-                )
-            _record_verified(path, expected)
+    expected = sha256 or (side.read_text().strip() if side.exists() else None)
+    if not expected or _verified_unchanged(path, expected):
+        return
+    actual = _sha256(path)
+    if actual != expected:
+        if not sha256:
+            raise CheckpointError(
+                f"{path} changed since it was downloaded (SHA-256 differs from {side}); "
+                "delete both files to download it again."
+            )
+        name = next((n for n, info in CHECKPOINTS.items() if info.url == url), None)
+        again = f"run `napari-sam2 fetch {name}`" if name else f"fetch {url} again"
+        raise CheckpointError(
+            f"the cached checkpoint {path} is not the published file (its SHA-256 sum is {actual}, "
+            f"expected {sha256}); it may be damaged, or an unchecked download kept from an older "
+            f"version of napari-sam2. Delete {path} and {again} to download it again."
+        )
+    _record_verified(path, expected)
 
 
 def _stamp_path(path: Path) -> Path:

@@ -208,9 +208,8 @@ def memory_conditioned_features(
     use_pointers=False leaves the object pointers out (a training regulariser only).
     """
     x = feats.image_embed  # B C h w
-    b, c, h, w = x.shape
     if is_init_cond_frame:  # nothing to remember yet
-        return x + model.no_mem_embed.view(1, c, 1, 1)
+        return x + model.no_mem_embed.view(1, x.shape[1], 1, 1)
     mem = gather_memory(model, feats, frame_idx, cond, non_cond, maskmem_pos, reverse, num_frames, use_pointers)
     return attend_to_memory(model, feats, [mem])
 

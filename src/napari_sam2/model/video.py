@@ -36,7 +36,7 @@ from .tracking import (
     upsample_to_model,
 )
 
-__all__ = ["SessionCommon", "StackSession", "FeatureCache", "ObjectState", "Sweep", "run_sweeps"]
+__all__ = ["FeatureCache", "ObjectState", "SessionCommon", "StackSession", "Sweep", "run_sweeps"]
 
 
 def low_res_to_slice(
@@ -85,13 +85,13 @@ def run_sweeps(session, sweeps: Sequence[Sweep], step, stop_after_absent: Option
     # during the propagation) leaves the sweep instead of being tracked with another state
     planned = {i: session.objects.get(i) for s in sweeps for i in s.starts}
     for sweep in sweeps:
-        absent = {i: 0 for i in sweep.starts}
+        absent = dict.fromkeys(sweep.starts, 0)
         stopped: set = set()
+        frames = sweep.frames
         for i in sweep.starts:
             if planned[i] is not None:
-                frames = [f for f in sweep.frames if sweep.active(f, i)]
-                planned[i].skipped.difference_update(frames)
-        for frame in sweep.frames:
+                planned[i].skipped.difference_update(f for f in frames if sweep.active(f, i))
+        for frame in frames:
             ids = [i for i in sweep.starts if sweep.active(frame, i) and planned[i] is not None
                    and session.objects.get(i) is planned[i]]
             for i in ids:  # an object's own prompted slice takes it up again after a stop
@@ -189,33 +189,27 @@ class SessionCommon:
         self,
         direction: str = "both",
         *,
-        start: Optional[int] = None,
-        frame_range: Optional[Tuple[int, int]] = None,
-        obj_ids: Optional[Sequence[int]] = None,
-        object_ranges: Optional[Dict[int, Tuple[int, int]]] = None,
         stop_after_absent: Optional[int] = None,
         return_logits: bool = False,
+        **plan_kwargs,
     ) -> Iterator[Tuple[int, Dict[int, np.ndarray]]]:
         """Track objects from their prompted slices; yields (slice, {obj_id: mask}).
 
         direction: "forward" (increasing index), "backward" or "both". Each object
-        is tracked from its own first prompted slice (see :meth:`plan`); start: one
-        first slice for all objects instead. frame_range: (first, last) inclusive
-        slices to stay within; object_ranges: {obj_id: (first, last)} per object.
-        obj_ids: track only these objects (default: all). stop_after_absent: stop
-        tracking an object in a direction after this many consecutive slices where
-        the model says it is absent (None: never); the slices left out are listed by
-        :meth:`skipped_frames` and a later propagation can still fill them.
+        is tracked from its own first prompted slice; plan_kwargs, as
+        :meth:`StackSession.plan` takes them: start (one first slice for all objects
+        instead), frame_range ((first, last) inclusive slices to stay within),
+        object_ranges ({obj_id: (first, last)}), obj_ids (track only these objects).
+        stop_after_absent: stop tracking an object in a direction after this many
+        consecutive slices where the model says it is absent (None: never); the slices
+        left out are listed by ``skipped_frames`` and a later propagation can still fill them.
         Each yielded dict holds the objects computed on that slice. All objects that
         step on a slice go through the model as one batch. Stop iterating at any
         time: slices already yielded stay valid, and the session can propagate again.
         """
-        for frame, ids, low, _scores in self.propagate_logits(
-            direction, start=start, frame_range=frame_range, obj_ids=obj_ids,
-            object_ranges=object_ranges, stop_after_absent=stop_after_absent,
-        ):
+        logits = self.propagate_logits(direction, stop_after_absent=stop_after_absent, **plan_kwargs)
+        for frame, ids, low, _scores in logits:
             yield frame, low_res_to_slice(low, ids, (self.height, self.width), self.non_overlap, return_logits)
-
 
     def add_labels(self, frame: int, label_slice, *, return_logits: bool = False) -> Dict[int, np.ndarray]:
         """Every nonzero label on one slice (H x W integers) becomes the mask prompt of the
@@ -643,9 +637,9 @@ class StackSession(SessionCommon):
             else:
                 todo.append(k)
         with torch.inference_mode():
+            feats = self.frame_features(frame) if todo else None
             for first in range(0, len(todo), self.max_batch):
                 chunk = todo[first : first + self.max_batch]
-                feats = self.frame_features(frame)
                 with self._amp():
                     heads, mem = track_objects(
                         self.model, feats, frame, [(objs[k].cond, objs[k].non_cond) for k in chunk],

@@ -123,7 +123,7 @@ class SAM2Widget(Container):
         self._sent: dict = {}  # (object, position) -> prompts last sent to the engine
         self._user_labels: set = set()  # labels in the output layer before the session: never written
         self._undo: list = []  # prompt changes, newest last
-        self._points_state = self._shapes_state = None  # layer contents after the last handled event
+        self._layer_states: dict = {"points": None, "shapes": None}  # contents after the last handled event
         self._prop_error = None
         self._loaded_choice = None  # (model choice, checkpoint) of the model in use
         self._contrast_source = None
@@ -237,6 +237,11 @@ class SAM2Widget(Container):
     def status(self) -> str:
         """The status line's text (cut to a few lines; the full text is in its tooltip)."""
         return self._status.value
+
+    @property
+    def status_details(self) -> str:
+        """The whole last status message (what the status line's tooltip shows)."""
+        return self._status.tooltip or self._status.value
 
     # ------------------------------------------------------------------ session
 
@@ -429,8 +434,7 @@ class SAM2Widget(Container):
             self._points.events.data.connect(self._on_points)
         elif len(self._points.data):  # ... and without its clicks (labels already made are kept)
             self._quietly(lambda: setattr(self._points, "data", np.zeros((0, nd))))
-        self._points_state = self._layer_state(self._points)
-        self._shapes_state = self._layer_state(self._shapes)
+        self._layer_states = {kind: self._layer_state(kind) for kind in ("points", "shapes")}
         for layer in (self._points, self._shapes, self._labels):
             layer.bind_key("n", lambda _l: self.new_object(), overwrite=True)
             layer.bind_key("t", lambda _l: self.toggle_polarity(), overwrite=True)
@@ -549,13 +553,31 @@ class SAM2Widget(Container):
     def _position(self):
         return tuple(int(round(s)) for s in self._viewer.dims.current_step[-self._image_layer.ndim:])
 
-    @staticmethod
-    def _layer_state(layer):
+    def _prompt_layer(self, kind: str):
+        return self._points if kind == "points" else self._shapes
+
+    def _layer_state(self, kind: str):
+        """What undo needs to put the clicks ("points") or boxes ("shapes") layer back."""
+        layer = self._prompt_layer(kind)
         if layer is None:
             return None
-        if hasattr(layer, "features") and hasattr(layer, "face_color") and not hasattr(layer, "shape_type"):
-            return ("points", np.array(layer.data, copy=True), layer.features.copy())
-        return ("shapes", [np.array(d, copy=True) for d in layer.data], list(layer.shape_type), layer.features.copy())
+        data = [np.array(d, copy=True) for d in layer.data] if kind == "shapes" else np.array(layer.data, copy=True)
+        kinds = list(layer.shape_type) if kind == "shapes" else None
+        return data, kinds, layer.features.copy()
+
+    def _restore_layer(self, kind: str, state) -> None:
+        layer = self._prompt_layer(kind)
+        if layer is None or state is None:
+            return
+        data, kinds, feats = state
+        if kind == "shapes":
+            layer.data = []
+            if data:
+                layer.add(data, shape_type=kinds)
+        else:
+            layer.data = data
+        layer.features = feats
+        self._layer_states[kind] = state
 
     def _quietly(self, fn) -> None:
         """Change a layer without the change counting as a prompt."""
@@ -566,45 +588,35 @@ class SAM2Widget(Container):
             self._writing = False
 
     def _on_points(self, event) -> None:
-        action = str(getattr(event, "action", "added"))
-        if self._writing or action not in ("added", "removed", "changed") or self._segmenter is None:
-            return
-        before = self._points_state
-        if action == "added":
-            obj = self._object_for_prompt()
-            if obj != int(self._points.features["object"].iloc[-1]):
-                feats = self._points.features.copy()
-                feats.loc[feats.index[-1], "object"] = obj
-                self._quietly(lambda: setattr(self._points, "features", feats))
-        self._recolor_points()
-        self._points_state = self._layer_state(self._points)
-        # a removed or moved point may belong to any object: refresh every object that has
-        # (or had) prompts on this slice
-        pos = self._position()
-        objs = {self.active_object} | {o for (o, p) in self._sent if p == pos}
-        if len(self._points.data):
-            objs |= {int(o) for o in self._points.features["object"]}
-        for obj in sorted(objs - self._user_labels):
-            self._segment_current(obj, undo_points=before)
+        self._on_prompt_layer("points", event)
 
     def _on_shapes(self, event) -> None:
+        self._on_prompt_layer("shapes", event)
+
+    def _on_prompt_layer(self, kind: str, event) -> None:
+        """A click or box added, moved or deleted: re-run the objects whose prompts on this
+        slice changed. A new prompt belongs to the active object (a new one if the active
+        label is the user's own)."""
         action = str(getattr(event, "action", "added"))
         if self._writing or action not in ("added", "removed", "changed") or self._segmenter is None:
             return
-        before = self._shapes_state
-        if action == "added":
+        layer = self._prompt_layer(kind)
+        before = self._layer_states[kind]
+        if action == "added" and len(layer.features):
             obj = self._object_for_prompt()
-            feats = self._shapes.features.copy()
-            if len(feats) and int(feats["object"].iloc[-1]) != obj:
+            if obj != int(layer.features["object"].iloc[-1]):
+                feats = layer.features.copy()
                 feats.loc[feats.index[-1], "object"] = obj
-                self._quietly(lambda: setattr(self._shapes, "features", feats))
-        self._shapes_state = self._layer_state(self._shapes)
+                self._quietly(lambda: setattr(layer, "features", feats))
+        self._layer_states[kind] = self._layer_state(kind)
+        # a removed or moved prompt may belong to any object: refresh every object that
+        # has (or had) prompts on this slice
         pos = self._position()
-        objs = {o for (o, p) in self._sent if p == pos}
-        if len(self._shapes.data):
-            objs |= {int(o) for o in self._shapes.features["object"]}
+        objs = {self.active_object} | {o for (o, p) in self._sent if p == pos}
+        if len(layer.data):
+            objs |= {int(o) for o in layer.features["object"]}
         for obj in sorted(objs - self._user_labels):
-            self._segment_current(obj, undo_shapes=before)
+            self._segment_current(obj, undo_layer=(kind, before))
 
     def _prompts_on_slice(self, obj_id: int):
         """(rows_cols, labels, box corners or None) of one object on the current slice."""
@@ -643,7 +655,7 @@ class SAM2Widget(Container):
         return (tuple(map(tuple, np.round(pts, 3))) if pts else (), tuple(labs),
                 tuple(map(tuple, np.round(box, 3))) if box else None)
 
-    def _segment_current(self, obj_id: int, *, undo_points=None, undo_shapes=None) -> None:
+    def _segment_current(self, obj_id: int, *, undo_layer=None) -> None:
         seg = self._segmenter
         pos = self._position()
         pts, labs, box = self._prompts_on_slice(obj_id)
@@ -675,7 +687,7 @@ class SAM2Widget(Container):
             snap, exists, mask = result
             index = seg.label_index(pos, seg.slice_of(pos))
             entry = {"kind": "prompt", "obj": obj_id, "pos": pos, "snap": snap, "sent": previous,
-                     "points": undo_points, "shapes": undo_shapes, "segmenter": seg}
+                     "layer": undo_layer, "segmenter": seg}
             if not exists:  # its last prompt was deleted: the object goes, with all its labels
                 entry["erased"] = self._erase_object(obj_id, seg.block_index(pos))
                 self._set_status(f"Object {obj_id} had no prompt left, so it was removed with its labels.")
@@ -790,21 +802,11 @@ class SAM2Widget(Container):
                     self._labels.data[block] = part
                 if entry["kind"] == "paint":
                     self._labels.undo()  # the brush stroke itself (napari's own history)
-                if entry.get("points") is not None:
-                    _, data, feats = entry["points"]
-                    self._points.data = data
-                    self._points.features = feats
-                    self._points_state = entry["points"]
-                if entry.get("shapes") is not None and self._shapes is not None:
-                    _, data, kinds, feats = entry["shapes"]
-                    self._shapes.data = []
-                    if data:
-                        self._shapes.add(data, shape_type=kinds)
-                        self._shapes.features = feats
-                    self._shapes_state = entry["shapes"]
+                if entry.get("layer") is not None:
+                    self._restore_layer(*entry["layer"])
 
             self._quietly(apply)
-            self._recolor_points()
+            self._recolor_points()  # restored clicks take their own polarity's colour
             key = (entry["obj"], entry["pos"])
             if entry.get("sent") is None:
                 self._sent.pop(key, None)
