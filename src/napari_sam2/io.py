@@ -24,7 +24,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -550,13 +550,23 @@ def write_labels(
             meta["TimeIncrement"] = sp["T"]
             meta["TimeIncrementUnit"] = "s"
         kwargs = {"ome": True, "metadata": meta}
+    return atomic_write(
+        path, lambda tmp: tifffile.imwrite(tmp, data, photometric="minisblack", **kwargs), what="labels"
+    )
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[str], Any], *, what: str = "the file") -> Path:
+    """Write a file so that a crash never leaves it half-written: ``write(tmp)`` writes a
+    temporary file beside ``path``, which then replaces ``path`` (keeping its permissions,
+    or the user's umask for a new file). Errors name ``path``, not the temporary file."""
+    path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         os.close(fd)
-        tifffile.imwrite(tmp, data, photometric="minisblack", **kwargs)
+        write(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -564,17 +574,17 @@ def write_labels(
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         if isinstance(exc, (OSError, ValueError, TypeError)):  # TiffFileError is a ValueError
-            raise _write_error(exc, path, tmp) from exc
+            raise _write_error(exc, path, tmp, what) from exc
         raise
     return path
 
 
-def _write_error(exc: BaseException, path: Path, tmp: Optional[str]) -> Exception:
+def _write_error(exc: BaseException, path: Path, tmp: Optional[str], what: str = "labels") -> Exception:
     """``exc`` restated about ``path``, not the temporary file it happened on."""
     reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
     if tmp:
         reason = reason.replace(str(tmp), str(path)).replace(os.path.basename(tmp), path.name)
-    message = f"could not write labels to {path}: {reason or type(exc).__name__}"
+    message = f"could not write {what} to {path}: {reason or type(exc).__name__}"
     if isinstance(exc, OSError):
         if exc.errno:
             # keeps the errno (and its subclass: PermissionError, ...) for callers that check it
