@@ -57,6 +57,16 @@ def volume(n=8, h=48, w=56, seed=0):
     return v.astype(np.uint16)
 
 
+def paint_by_hand(labels, index, masks):
+    """What a labels slice should hold after masks: each object's pixels replaced by its
+    mask, other objects' pixels kept (written here, independent of the package)."""
+    sl = labels[index]
+    for obj, m in masks.items():
+        sl[sl == obj] = 0
+        sl[np.asarray(m, bool) & (sl == 0)] = obj
+    labels[index] = sl
+
+
 def make(viewer_factory, qtbot, model, data, *, before_start=None, expect_session=True, orientations=1, **layer_kwargs):
     """A viewer with ``data``, the docked widget, and a started session.
 
@@ -67,13 +77,11 @@ def make(viewer_factory, qtbot, model, data, *, before_start=None, expect_sessio
     layer = viewer.add_image(data, **layer_kwargs)
     widget = sw.SAM2Widget(viewer)
     viewer.window.add_dock_widget(widget)
-    widget._image_combo.value = layer
-    widget._model = model
-    widget._orientations.value = orientations
+    widget.configure(image=layer, loaded_model=model, orientations=orientations)
     if before_start is not None:
         before_start(viewer, widget)
     widget.start()
-    qtbot.waitUntil(lambda: not widget.is_busy and (widget._segmenter is not None or not expect_session), timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.is_busy and (widget.session_started or not expect_session), timeout=TIMEOUT)
     return viewer, layer, widget
 
 
@@ -91,7 +99,7 @@ def click(viewer, widget, z, y, x):
     step = list(viewer.dims.current_step)
     step[0] = z
     viewer.dims.current_step = tuple(step)
-    widget._points.add(np.array([[z, y, x]], float))
+    widget.points_layer.add(np.array([[z, y, x]], float))
 
 
 def test_click_paints_the_engines_mask(make_napari_viewer, qtbot, model, errors):
@@ -100,8 +108,8 @@ def test_click_paints_the_engines_mask(make_napari_viewer, qtbot, model, errors)
     wait(qtbot, widget)
     expected = engine(model, layer).add_points(3, 1, points=[[20, 21]], labels=[1])[1]
     assert expected.any()
-    np.testing.assert_array_equal(widget._labels.data[3], expected.astype(np.uint16))
-    assert not widget._labels.data[[0, 1, 2, 4, 5, 6, 7]].any()
+    np.testing.assert_array_equal(widget.labels_layer.data[3], expected.astype(np.uint16))
+    assert not widget.labels_layer.data[[0, 1, 2, 4, 5, 6, 7]].any()
     assert errors == []
 
 
@@ -114,17 +122,15 @@ def test_propagation_and_two_objects_match_the_engine(make_napari_viewer, qtbot,
     wait(qtbot, widget)
     widget.propagate("both")
     wait(qtbot, widget)
-    from napari_sam2.segmenter import write_masks
-
     ref = engine(model, layer)
     expected = np.zeros(layer.data.shape, np.uint16)
     index = (3, slice(None), slice(None))
-    write_masks(expected, index, {1: ref.add_points(3, 1, points=[[20, 21]], labels=[1])[1]})
-    write_masks(expected, index, {2: ref.add_points(3, 2, points=[[43, 30]], labels=[1])[2]})
+    paint_by_hand(expected, index, {1: ref.add_points(3, 1, points=[[20, 21]], labels=[1])[1]})
+    paint_by_hand(expected, index, {2: ref.add_points(3, 2, points=[[43, 30]], labels=[1])[2]})
     for z, masks in ref.propagate("both"):
-        write_masks(expected, (z, slice(None), slice(None)), masks)
-    np.testing.assert_array_equal(widget._labels.data, expected)
-    assert set(np.unique(widget._labels.data)) == {0, 1, 2}
+        paint_by_hand(expected, (z, slice(None), slice(None)), masks)
+    np.testing.assert_array_equal(widget.labels_layer.data, expected)
+    assert set(np.unique(widget.labels_layer.data)) == {0, 1, 2}
     assert errors == []
 
 
@@ -136,15 +142,13 @@ def test_orientations_choice_tracks_like_the_ensemble(make_napari_viewer, qtbot,
     wait(qtbot, widget)
     widget.propagate("forward")
     wait(qtbot, widget)
-    from napari_sam2.segmenter import write_masks
-
     ref = engine(model, layer, orientations=4)
     expected = np.zeros(layer.data.shape, np.uint16)
-    write_masks(expected, (3, slice(None), slice(None)), {1: ref.add_points(3, 1, points=[[20, 21]], labels=[1])[1]})
+    paint_by_hand(expected, (3, slice(None), slice(None)), {1: ref.add_points(3, 1, points=[[20, 21]], labels=[1])[1]})
     for z, masks in ref.propagate("forward"):
-        write_masks(expected, (z, slice(None), slice(None)), masks)
+        paint_by_hand(expected, (z, slice(None), slice(None)), masks)
     assert expected[4:].any()
-    np.testing.assert_array_equal(widget._labels.data, expected)
+    np.testing.assert_array_equal(widget.labels_layer.data, expected)
     plain = engine(model, layer).add_points(3, 1, points=[[20, 21]], labels=[1])[1]
     assert (plain != expected[3].astype(bool)).any()  # four orientations are not the plain result
     assert errors == []
@@ -167,8 +171,8 @@ def test_correction_then_propagation_matches_the_engine(make_napari_viewer, qtbo
     ref.add_points(5, 1, points=[[50, 40]], labels=[0])
     got = {z: m[1] for z, m in ref.propagate("forward")}
     for z in range(2, 8):
-        np.testing.assert_array_equal(widget._labels.data[z] == 1, got[z], err_msg=f"slice {z}")
-    assert not widget._points.features["positive"].iloc[-1]
+        np.testing.assert_array_equal(widget.labels_layer.data[z] == 1, got[z], err_msg=f"slice {z}")
+    assert not widget.points_layer.features["positive"].iloc[-1]
     assert errors == []
 
 
@@ -178,35 +182,35 @@ def forward_run_until(make_napari_viewer, qtbot, model, z):
     click(viewer, widget, 0, 18, 20)
     wait(qtbot, widget)
     widget.propagate("forward")
-    qtbot.waitUntil(lambda: widget._labels.data[z].any(), timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: widget.labels_layer.data[z].any(), timeout=TIMEOUT)
     return viewer, layer, widget
 
 
 def test_cancel_keeps_done_slices_and_viewer_usable(make_napari_viewer, qtbot, model, errors):
     viewer, layer, widget = forward_run_until(make_napari_viewer, qtbot, model, 3)
     widget.cancel()
-    qtbot.waitUntil(lambda: widget._propagation is None, timeout=TIMEOUT)
-    done = [z for z in range(30) if widget._labels.data[z].any()]
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT)
+    done = [z for z in range(30) if widget.labels_layer.data[z].any()]
     assert 3 in done and len(done) < 30
     ref = engine(model, layer)
     ref.add_points(0, 1, points=[[20, 18]], labels=[1])
     for z, masks in ref.propagate("forward"):
         if z > max(done):
             break
-        np.testing.assert_array_equal(widget._labels.data[z] == 1, masks[1])
-    assert "cancelled" in widget._status.value
+        np.testing.assert_array_equal(widget.labels_layer.data[z] == 1, masks[1])
+    assert "cancelled" in widget.status
     # still usable: another click segments at once
     widget.new_object()
     click(viewer, widget, 10, 30, 40)
     wait(qtbot, widget)
-    assert (widget._labels.data[10] == 2).any()
+    assert (widget.labels_layer.data[10] == 2).any()
     assert errors == []
 
 
 def test_sixteen_bit_contrast_limits_reach_the_model(make_napari_viewer, qtbot, model, errors):
     data = volume()
     _viewer, _layer, widget = make(make_napari_viewer, qtbot, model, data, contrast_limits=(1100, 1600))
-    session = widget._segmenter.session(widget._position())
+    session = widget.segmenter.session(widget.position)
     assert session.frames.intensity_range == (1100.0, 1600.0)
     x = session.frames.model_input(4, SIZE)
     manual = np.clip((data[4].astype(np.float32) - 1100) / 500, 0, 1)
@@ -226,7 +230,7 @@ def test_save_labels_roundtrip(make_napari_viewer, qtbot, model, tmp_path, error
         assert tif.imagej_metadata["spacing"] == 2.0
         xres = tif.pages[0].tags["XResolution"].value
     assert data.dtype == np.uint16
-    np.testing.assert_array_equal(data, widget._labels.data)
+    np.testing.assert_array_equal(data, widget.labels_layer.data)
     assert xres[0] / xres[1] == pytest.approx(2.0)  # 0.5 um pixels
     with pytest.raises(FileExistsError):
         widget.save_labels(tmp_path / "labels.tif")
@@ -241,29 +245,27 @@ def test_widget_on_2d_3d_4d_and_rgb(make_napari_viewer, qtbot, model, errors, sh
     rng = np.random.default_rng(0)
     data = (rng.random(shape) * 255).astype(np.uint8)
     viewer, layer, widget = make(make_napari_viewer, qtbot, model, data, rgb=rgb)
-    assert widget._segmenter.axis == axis
+    assert widget.segmenter.axis == axis
     nd = layer.ndim
     coord = list(viewer.dims.current_step[-nd:])
     coord[-2:] = [20, 25]
-    widget._points.add(np.array([coord], float))
+    widget.points_layer.add(np.array([coord], float))
     wait(qtbot, widget)
-    assert widget._labels.data.shape == (shape[:-1] if rgb else shape)
-    assert (widget._labels.data == 1).any()
+    assert widget.labels_layer.data.shape == (shape[:-1] if rgb else shape)
+    assert (widget.labels_layer.data == 1).any()
     assert errors == []
 
 
 def test_bad_input_gives_notifications(make_napari_viewer, qtbot, model, errors, tmp_path):
     # 2D image with "propagate"
     viewer, _layer, widget = make(make_napari_viewer, qtbot, model, (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8))
-    widget._points.add(np.array([[20, 25]], float))
+    widget.points_layer.add(np.array([[20, 25]], float))
     wait(qtbot, widget)
     widget.propagate("both")
     assert any("2D" in e for e in errors)
     errors.clear()
     # a missing checkpoint
-    widget._model = None
-    widget._model_combo.value = sw.CHOOSE_FILE
-    widget._checkpoint.value = str(tmp_path / "missing.pt")
+    widget.configure(checkpoint=tmp_path / "missing.pt")  # another choice: the loaded model is not reused
     widget.start()
     wait(qtbot, widget)
     assert any("does not exist" in e for e in errors)
@@ -277,9 +279,9 @@ def test_bad_input_gives_notifications(make_napari_viewer, qtbot, model, errors,
 def test_image_removed_mid_run(make_napari_viewer, qtbot, model, errors):
     viewer, layer, widget = forward_run_until(make_napari_viewer, qtbot, model, 1)
     viewer.layers.remove(layer)
-    qtbot.waitUntil(lambda: widget._propagation is None, timeout=TIMEOUT)
-    assert widget._segmenter is None
-    assert widget._labels.data[1].any()  # results so far kept
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT)
+    assert not widget.session_started
+    assert widget.labels_layer.data[1].any()  # results so far kept
     widget.propagate("forward")  # asks for a session, no traceback
     assert any("start a session" in e for e in errors)
 
@@ -299,19 +301,19 @@ def test_start_in_3d_view_asks_for_2d(make_napari_viewer, qtbot, model, errors):
         viewer.dims.ndisplay = 3
 
     _viewer, _layer, widget = make(make_napari_viewer, qtbot, model, volume(), before_start=view_3d, expect_session=False)
-    assert widget._segmenter is None
+    assert not widget.session_started
     assert any("2D view" in e for e in errors)
 
 
 def test_keyboard_shortcuts_are_bound(make_napari_viewer, qtbot, model, errors):
     _viewer, _layer, widget = make(make_napari_viewer, qtbot, model, volume())
-    keys = widget._points.keymap
+    keys = widget.points_layer.keymap
     assert {"N", "T", "Shift+F", "Shift+B", "Shift+A", "Escape"} <= {str(k) for k in keys}
     from app_model.types import KeyBinding
 
-    keys[KeyBinding.from_str("T")](widget._points)
-    assert widget._positive is False
-    assert widget._points.feature_defaults["positive"].iloc[0] == False
+    keys[KeyBinding.from_str("T")](widget.points_layer)
+    assert widget.positive is False
+    assert widget.points_layer.feature_defaults["positive"].iloc[0] == False
 
 
 def test_writes_into_an_existing_labels_layer(make_napari_viewer, qtbot, model, errors):
@@ -322,11 +324,11 @@ def test_writes_into_an_existing_labels_layer(make_napari_viewer, qtbot, model, 
 
     def choose_mine(viewer, widget):
         layers["mine"] = viewer.add_labels(existing.copy(), name="my labels")
-        widget._output_combo.value = layers["mine"]
+        widget.configure(output=layers["mine"])
 
     viewer, layer, widget = make(make_napari_viewer, qtbot, model, data, before_start=choose_mine)
     mine = layers["mine"]
-    assert widget._labels is mine
+    assert widget.labels_layer is mine
     assert widget.new_object() == 8
     click(viewer, widget, 3, 21, 20)
     wait(qtbot, widget)
@@ -343,20 +345,20 @@ def test_gui_starts_a_bundled_model_at_once(make_napari_viewer, qtbot, errors, b
     from napari_sam2.model.config import NANO
 
     viewer, widget = open_gui(model=NANO.name, viewer=make_napari_viewer())
-    qtbot.waitUntil(lambda: not widget.is_busy and widget._segmenter is not None, timeout=TIMEOUT)
-    model, layer = widget._model, widget._image_layer
+    qtbot.waitUntil(lambda: not widget.is_busy and widget.session_started, timeout=TIMEOUT)
+    model, layer = widget.model, viewer.layers[0]
     assert model.config.name == NANO.name and layer.data.shape == (32, 192, 192)
     loaded = model.state_dict()
     for k, v in bundled_nano[0].state_dict().items():  # the bundled (float16) file was loaded
         assert torch.equal(loaded[k], v.half().float()), k
     with torch.no_grad():  # random weights: make the object score say "present"
         model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
-    assert widget._orientations.value == 8  # the nano model's default: eight orientations
+    assert widget.orientations == 8  # the nano model's default: eight orientations
     click(viewer, widget, 16, 96, 90)
     wait(qtbot, widget)
     expected = engine(model, layer, orientations=8).add_points(16, 1, points=[[90, 96]], labels=[1])[1]
     assert expected.any()
-    np.testing.assert_array_equal(widget._labels.data[16], expected.astype(np.uint16))
+    np.testing.assert_array_equal(widget.labels_layer.data[16], expected.astype(np.uint16))
     assert errors == []
 
 
@@ -366,11 +368,11 @@ def test_gui_leaves_a_downloadable_model_to_start(make_napari_viewer, qtbot, err
 
     _, widget = open_gui(model="sam2.1_hiera_small", viewer=make_napari_viewer())
     qtbot.wait(50)
-    assert widget._model_combo.value == "sam2.1_hiera_small"
-    assert widget._orientations.value == 1  # Meta's models: plain SAM 2 unless asked
+    assert widget.model_choice == "sam2.1_hiera_small"
+    assert widget.orientations == 1  # Meta's models: plain SAM 2 unless asked
     _, widget = open_gui(model="sam2.1_hiera_small", orientations=4, viewer=make_napari_viewer())
-    assert widget._orientations.value == 4
-    assert not widget.is_busy and widget._segmenter is None and widget._model is None
+    assert widget.orientations == 4
+    assert not widget.is_busy and not widget.session_started and widget.model is None
     assert errors == []
 
 
@@ -384,13 +386,13 @@ def test_readme_gui_opens_ready_for_a_click_with_the_shipped_model(make_napari_v
     from napari_sam2.sample_data import nuclei_3d
 
     viewer, widget = open_gui(viewer=make_napari_viewer())
-    qtbot.waitUntil(lambda: not widget.is_busy and widget._segmenter is not None, timeout=TIMEOUT)
-    assert widget._model.config.name == NANO.name
+    qtbot.waitUntil(lambda: not widget.is_busy and widget.session_started, timeout=TIMEOUT)
+    assert widget.model.config.name == NANO.name
     _, labels = nuclei_3d()  # the sample data the viewer opened
     target = labels[16] == 7  # a nucleus in the middle of the stack
     x, y = central_pixel(target)
     click(viewer, widget, 16, y, x)
     wait(qtbot, widget)
-    got = widget._labels.data[16] == 1
+    got = widget.labels_layer.data[16] == 1
     assert dice(got, target) > 0.8, dice(got, target)
     assert errors == []

@@ -201,7 +201,8 @@ class Annotator:
             write_masks(self.labels, index, masks)
             self.on_labels(False)
 
-    def _ensure_fits(self, label: int) -> None:
+    def ensure_fits(self, label: int) -> None:
+        """Widen the labels' dtype when ``label`` does not fit (e.g. label 256 in uint8)."""
         dtype = np.dtype(self.labels.dtype)
         if np.issubdtype(dtype, np.integer) and label <= np.iinfo(dtype).max:
             return
@@ -221,7 +222,7 @@ class Annotator:
     def new_object(self) -> int:
         """Make the next free label the active object; returns it."""
         label = self.next_label()
-        self._ensure_fits(label)
+        self.ensure_fits(label)
         self.active = label
         self._say(f"New object: label {label}.")
         return label
@@ -238,7 +239,7 @@ class Annotator:
         label is one of the user's own (or 0)."""
         if self.active in self.user_labels or self.active <= 0:
             return self.new_object()
-        self._ensure_fits(self.active)
+        self.ensure_fits(self.active)
         return self.active
 
     def object_table(self) -> List[ObjectRow]:
@@ -376,7 +377,7 @@ class Annotator:
         if created:
             if prompts.empty:
                 return
-            self._ensure_fits(obj_id)
+            self.ensure_fits(obj_id)
             obj = self.objects[obj_id] = AnnotatedObject(obj_id)
         previous = obj.prompts.get(key)
         if prompts.empty:
@@ -437,7 +438,8 @@ class Annotator:
     # ------------------------------------------------------------------ propagation
 
     def propagate(self, position: Sequence[int], direction: str = "both", *, objects: Optional[Sequence[int]] = None,
-                  frame_range: Optional[Tuple[int, int]] = None, stop_after: Optional[int] = -1) -> bool:
+                  frame_range: Optional[Tuple[int, int]] = None, stop_after: Optional[int] = -1,
+                  on_slice: Optional[Callable[[], None]] = None, on_end: Optional[Callable[[], None]] = None) -> bool:
         """Propagate objects through the slices of the session at ``position``, each from its
         own prompted slices; masks are written as slices come.
 
@@ -445,7 +447,8 @@ class Annotator:
         propagation, or all when none did — a correction re-runs only its object);
         frame_range: (first, last) slices to stay within; stop_after: stop an object after
         that many slices where it is absent (None: never; default: the annotator's
-        ``stop_after``). Returns whether a propagation started.
+        ``stop_after``); on_slice() after each slice written, on_end() when it ends (a
+        progress bar). It starts once queued prompts are done. Returns whether it started.
         """
         seg = self.segmenter
         key = self.slice_key(position)
@@ -484,6 +487,8 @@ class Annotator:
             index, masks = item
             self._remember(entry, index)
             self._write(index, masks)
+            if on_slice is not None:
+                on_slice()
 
         def on_error(err):
             state["error"] = _message(err)
@@ -507,13 +512,23 @@ class Annotator:
                 self._push(entry)
             self._report_nonfinite()
             self.on_objects()
+            if on_end is not None:
+                on_end()
 
         job = Job(gen, on_yield=on_item, on_error=on_error, on_done=finish)
         self._propagation = job
         self._say(f"Propagating {direction}: objects {', '.join(map(str, ids))}…")
-        seg_exec = self.queue.executor
-        seg_exec.run(job)
+        if self.queue.busy:  # prompts given before start first (a click's mask is part of the run)
+            self.queue.submit(("propagate",), Job(lambda: None, on_result=lambda _: self._start_propagation(job)))
+        else:
+            self._start_propagation(job)
         return True
+
+    def _start_propagation(self, job: Job) -> None:
+        if job.cancelled:
+            job.on_done()
+        else:
+            self.queue.executor.run(job)
 
     def cancel(self) -> None:
         """Stop a running propagation; slices already written stay."""
@@ -717,9 +732,11 @@ class Annotator:
         """Write the session record as JSON (atomically: a temporary file, then renamed)."""
         return save_session(path, self.session_record(**record_kwargs))
 
-    def resume(self, record: Union[dict, str, Path], *, propagate: bool = False) -> None:
+    def resume(self, record: Union[dict, str, Path], *, labels: Optional[np.ndarray] = None,
+               propagate: bool = False) -> None:
         """Put a saved session's objects and prompts back (each prompted slice is computed
-        again) and, with ``propagate``, run its propagations again in order."""
+        again). labels: the label image saved with it (its objects' labels are taken over);
+        with ``propagate`` the session's propagations run again, in order."""
         if not isinstance(record, dict):
             record = load_session(record)
         shape = tuple(record["image"]["shape"])
@@ -729,12 +746,21 @@ class Annotator:
         if view.get("axis") != self.axis or tuple(view.get("displayed") or ()) != tuple(self.displayed):
             raise InputError(f"the session propagated along axis {view.get('axis')} with axes {view.get('displayed')} "
                              f"on screen; this one uses axis {self.axis} with {list(self.displayed)}: choose the same")
+        ids = {int(item["id"]) for item in record["objects"]}
+        if ids & self.user_labels:
+            raise InputError(f"objects {sorted(ids & self.user_labels)} of the session are labels already in the "
+                             "labels layer; resume into a new labels layer")
+        if labels is not None:
+            if tuple(labels.shape) != shape:
+                raise InputError(f"the saved labels have shape {tuple(labels.shape)}, the session {shape}")
+            self.ensure_fits(int(labels.max()) if labels.size else 0)
+            saved = np.asarray(labels)
+            self.labels[...] = np.where(self.labels == 0, saved, self.labels)
+            self.user_labels = self.user_labels | (frozenset(int(v) for v in record.get("user_labels", ())))
+            self.on_labels(False)
         seg = self.segmenter
         for item in record["objects"]:
             obj_id = int(item["id"])
-            if obj_id in self.user_labels:
-                raise InputError(f"object {obj_id} of the session is a label already in the labels layer; "
-                                 "resume into a new labels layer")
             for p in item["prompts"]:
                 key = self.slice_key(p["slice"])
                 if "mask" in p:
@@ -747,6 +773,7 @@ class Annotator:
                                      box=None if box is None else [self._view_rc(c) for c in box])
             if item.get("hidden") and obj_id in self.objects:
                 self.objects[obj_id].hidden = True
+        self.active = self.next_label()
         self.on_objects()
         if propagate:
             self._replay(list(record.get("propagations") or []))

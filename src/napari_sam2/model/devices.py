@@ -68,3 +68,20 @@ def supports_bfloat16(device: torch.device) -> bool:
         except Exception:
             return False
     return False
+
+
+#: input sizes from which bfloat16 tracks faster than float32 where the hardware runs it
+#: natively (docs/benchmarks.md, "Fast mode per model"): on a CPU with AVX-512 BF16,
+#: 2.1-tiny at 1024 px tracks 2.2-2.8 x faster in bfloat16, while the nano model at 128 px
+#: is slower (5.1 s against 2.8 s: conversions outweigh the small matrix products)
+FAST_MIN_IMAGE_SIZE = 512
+
+
+def default_fast(image_size: int, device: Union[str, torch.device, None] = "auto") -> bool:
+    """Whether fast mode (bfloat16) should be on by default for a model of this input size
+    on ``device``: only where the hardware runs bfloat16 natively and it pays off."""
+    try:
+        dev = pick_device(device)
+    except InputError:
+        return False
+    return int(image_size) >= FAST_MIN_IMAGE_SIZE and supports_bfloat16(dev)
