@@ -350,6 +350,19 @@ class Annotator:
             changed.append(obj)
         return changed
 
+    def prompt_items(self) -> Tuple[List[tuple], List[tuple]]:
+        """Every click and box in data coordinates, as :meth:`sync_slice` takes them:
+        ([(n-D coordinate, positive, object)], [(4 x n corners of the rectangle, object)])."""
+        clicks, boxes = [], []
+        for obj in sorted(self.objects.values(), key=lambda o: o.obj_id):
+            for key, p in sorted(obj.prompts.items()):
+                clicks += [(self._data_coord(key, rc), bool(lab), obj.obj_id) for rc, lab in zip(p.points, p.labels)]
+                if p.box is not None:
+                    (r0, c0), (r1, c1) = p.box
+                    corners = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]
+                    boxes.append(([self._data_coord(key, rc) for rc in corners], obj.obj_id))
+        return clicks, boxes
+
     def set_prompts(self, position: Sequence[int], obj_id: int, *, points=(), labels=(), box=None, tag=None) -> None:
         """Replace one object's clicks / box on a slice (view (row, column) coordinates);
         nothing given: forget its prompts there (an object left without prompts is removed)."""

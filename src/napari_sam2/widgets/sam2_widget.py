@@ -348,7 +348,8 @@ class SAM2Widget(Container):
 
     def configure(self, *, image=None, model: "str | None" = None, checkpoint=None, orientations: "int | None" = None,
                   fast: "bool | None" = None, device: "str | None" = None, loaded_model=None,
-                  axis: "int | None" = None, stop_after: "int | None" = None, output=None) -> None:
+                  axis: "int | None" = None, stop_after: "int | None" = None, output=None,
+                  objects: "str | None" = None, slices: "str | None" = None) -> None:
         """Set the widget's choices from Python (the CLI, scripts and tests use this).
 
         image: an Image layer of the viewer; model: a registry name; checkpoint: a weights
@@ -356,7 +357,9 @@ class SAM2Widget(Container):
         loaded SAM2Model to use for these choices; axis: the data axis to propagate along;
         stop_after: stop an object after that many empty slices (0: never; Start session
         chooses a default for the axis, so set it after); output: an existing Labels layer
-        to write into (default: a new one).
+        to write into (default: a new one); objects: which objects a propagation runs,
+        "changed" (or all) or "selected" (in the table); slices: a range "first-last" to
+        propagate within ("" for all).
         """
         if image is not None:
             self._image_combo.value = image
@@ -379,6 +382,10 @@ class SAM2Widget(Container):
         if output is not None:
             self._output_combo.reset_choices()
             self._output_combo.value = output
+        if objects is not None:
+            self._which.value = objects
+        if slices is not None:
+            self._range.value = str(slices)
         if loaded_model is not None:  # used for the choices made so far; another choice loads its own
             self._model, self._model_key = loaded_model, self._choice_key()
 
@@ -839,6 +846,8 @@ class SAM2Widget(Container):
         info, settings = record.get("model") or {}, record.get("settings") or {}
         if info.get("checkpoint") and Path(info["checkpoint"]).exists() and info.get("choice") == CHOOSE_FILE:
             self.configure(checkpoint=info["checkpoint"])
+        elif self._model is not None and self._model.config.name == info.get("name"):
+            self.configure(model=info["name"] if info["name"] in MODELS else None, loaded_model=self._model)
         elif info.get("name") in MODELS:
             self.configure(model=info["name"])
         self.configure(orientations=settings.get("orientations"), fast=settings.get("fast"),
@@ -856,6 +865,17 @@ class SAM2Widget(Container):
                 self._set_status(str(err))
                 return
             self._stop_after.value = int(settings.get("stop_after") or 0)
+            clicks, boxes = ann.prompt_items()  # the prompts, as clicks and boxes a user can edit
+            nd = self._image_layer.ndim
+            feats = {"positive": np.array([c[1] for c in clicks], bool), "object": np.array([c[2] for c in clicks], int)}
+            self._quietly(lambda: (setattr(self._points, "data", np.array([c[0] for c in clicks], float).reshape(-1, nd)),
+                                   setattr(self._points, "features", feats)))
+            if boxes:
+                self._quietly(lambda: (self._shapes.add_rectangles([np.array(b[0], float) for b in boxes]),
+                                       setattr(self._shapes, "features", {"object": np.array([b[1] for b in boxes], int)})))
+            self._layer_states = {kind: self._layer_state(kind) for kind in ("points", "shapes")}
+            self._on_restore(("colours",))
+            self._labels.selected_label = ann.active
             if record.get("settings", {}).get("intensity_range") and self._image_layer is not None:
                 self._image_layer.contrast_limits = settings["intensity_range"]
             self._set_status(f"Resumed {Path(path).name}: {len(ann.objects)} objects.")
