@@ -3,7 +3,8 @@
 An image of any dimensionality (2D, Z-Y-X, T-Y-X, T-Z-Y-X, optionally RGB) is
 seen as stacks of 2D slices: two *displayed* axes (rows, columns), one
 *propagation* axis, and the remaining axes fixed at the viewer's position.
-Each fixed position gets its own :class:`~napari_sam2.model.video.StackSession`.
+Each fixed position gets its own :class:`~napari_sam2.model.session.Session`.
+Coordinate conversions are :mod:`napari_sam2.model.geometry`'s.
 """
 
 from __future__ import annotations
@@ -11,50 +12,24 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .model.ensemble import EnsembleSession, check_orientations, open_session
+from .model.ensemble import check_orientations, open_session
 from .model.frames import FrameSource
+from .model.geometry import (
+    AxisView,
+    corners_to_box,
+    fixed_coords,
+    labels_index,
+    rc_to_xy,
+    view_to_data,
+)
 from .model.preprocess import InputError
-from .model.video import StackSession
+from .model.session import Session
 
-
-class AxisView:
-    """Lazy (N, H, W[, C]) view of an n-D array: slices along ``axis``, others fixed."""
-
-    def __init__(self, data, *, axis: Optional[int], displayed: Tuple[int, int], fixed: Dict[int, int], rgb: bool) -> None:
-        self.data, self.axis, self.displayed, self.fixed, self.rgb = data, axis, tuple(displayed), dict(fixed), rgb
-        shape = tuple(data.shape)
-        n = 1 if axis is None else shape[axis]
-        self.shape = (n, shape[displayed[0]], shape[displayed[1]]) + ((shape[-1],) if rgb else ())
-        self.dtype = np.dtype(data.dtype)
-
-    def index(self, i: int) -> tuple:
-        """The n-D index (without the RGB axis) of slice ``i``."""
-        nd = len(self.data.shape) - (1 if self.rgb else 0)
-        idx = []
-        for ax in range(nd):
-            if ax == self.axis:
-                idx.append(int(i))
-            elif ax in self.displayed:
-                idx.append(slice(None))
-            else:
-                idx.append(int(self.fixed.get(ax, 0)))
-        return tuple(idx)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        arr = self.data[self.index(i)]
-        if hasattr(arr, "compute"):
-            arr = arr.compute()
-        arr = np.asarray(arr)
-        if self.displayed[0] > self.displayed[1]:  # the viewer shows the axes transposed
-            arr = np.swapaxes(arr, 0, 1)
-        return arr
+__all__ = ["AxisView", "StackSegmenter", "write_masks"]  # AxisView lives in model.geometry
 
 
 class StackSegmenter:
@@ -102,7 +77,7 @@ class StackSegmenter:
         self.orientations = orientations
         self.session_kwargs = session_kwargs
         self.nonfinite = nonfinite
-        self.sessions: "OrderedDict[tuple, Union[StackSession, EnsembleSession]]" = OrderedDict()
+        self.sessions: "OrderedDict[tuple, Session]" = OrderedDict()
         self.lock = threading.RLock()
         self._reported_nonfinite: set = set()
 
@@ -110,20 +85,23 @@ class StackSegmenter:
 
     def key(self, position: Sequence[int]) -> tuple:
         """The fixed coordinates (axes other than displayed and propagation) of a position."""
-        return tuple(int(position[a]) for a in range(self.ndim) if a != self.axis and a not in self.displayed)
+        return tuple(self._fixed(position).values())
+
+    def _fixed(self, position: Sequence[int]) -> Dict[int, int]:
+        return fixed_coords(position, self.ndim, self.axis, self.displayed)
 
     def slice_of(self, position: Sequence[int]) -> int:
         return 0 if self.axis is None else int(position[self.axis])
 
     def view(self, position: Sequence[int]) -> AxisView:
-        fixed = {a: int(position[a]) for a in range(self.ndim) if a != self.axis and a not in self.displayed}
-        return AxisView(self.image, axis=self.axis, displayed=self.displayed, fixed=fixed, rgb=self.rgb)
+        """The stack of slices (in view order) of the session at ``position``."""
+        return AxisView(self.image, axis=self.axis, displayed=self.displayed, fixed=self._fixed(position), rgb=self.rgb)
 
     #: sessions (fixed positions, e.g. time points of a T-Z-Y-X movie) that keep their
     #: slice features; older ones drop their features, and are dropped when they hold no object
     keep_sessions = 2
 
-    def session(self, position: Sequence[int]) -> Union[StackSession, EnsembleSession]:
+    def session(self, position: Sequence[int]) -> Session:
         k = self.key(position)
         with self.lock:
             if k not in self.sessions:
@@ -211,13 +189,12 @@ class StackSegmenter:
 
     def to_data_order(self, mask: np.ndarray) -> np.ndarray:
         """A mask in view order (rows, columns) -> the array's own axis order."""
-        return mask.T if self.displayed[0] > self.displayed[1] else mask
+        return view_to_data(mask, self.displayed)
 
     def block_index(self, position: Sequence[int]) -> tuple:
         """The index into a labels array of every slice of the session at ``position``
         (its fixed coordinates, the whole propagation axis)."""
-        nd = self.ndim
-        return tuple(slice(None) if a == self.axis or a in self.displayed else int(position[a]) for a in range(nd))
+        return labels_index(self.ndim, self.axis, self.displayed, self._fixed(position))
 
     def skipped(self, position: Sequence[int]) -> Dict[int, List[tuple]]:
         """{obj_id: labels indices of the slices its last propagation left out (early stop)}.
@@ -238,13 +215,9 @@ class StackSegmenter:
 
     def label_index(self, position: Sequence[int], slice_idx: int) -> tuple:
         """The index into a labels array (image shape without RGB) of one slice."""
-        return self.view(position).index(slice_idx)
+        return labels_index(self.ndim, self.axis, self.displayed, self._fixed(position), int(slice_idx))
 
     # ------------------------------------------------------------ prompts
-
-    def _xy(self, rows_cols) -> np.ndarray:
-        rc = np.asarray(rows_cols, dtype=np.float32).reshape(-1, 2)
-        return rc[:, ::-1].copy()  # (row, col) -> (x, y)
 
     def set_points(self, position, obj_id: int, rows_cols, labels) -> np.ndarray:
         """Replace an object's clicks on the slice at ``position``; returns its H x W mask.
@@ -252,14 +225,13 @@ class StackSegmenter:
         rows_cols: N x 2 coordinates in the displayed axes; labels: 1 / 0.
         """
         with self.lock:
-            masks = self.session(position).add_points(self.slice_of(position), obj_id, points=self._xy(rows_cols), labels=labels)
+            masks = self.session(position).add_points(self.slice_of(position), obj_id, points=rc_to_xy(rows_cols), labels=labels)
         return masks[obj_id]
 
     def set_box(self, position, obj_id: int, corners, rows_cols=None, labels=None) -> np.ndarray:
         """A box (two opposite corners as (row, col)) plus optional clicks; returns the mask."""
-        c = self._xy(corners)
-        box = [c[:, 0].min(), c[:, 1].min(), c[:, 0].max(), c[:, 1].max()]
-        pts = None if rows_cols is None or len(rows_cols) == 0 else self._xy(rows_cols)
+        box = corners_to_box(corners)
+        pts = None if rows_cols is None or len(rows_cols) == 0 else rc_to_xy(rows_cols)
         with self.lock:
             masks = self.session(position).add_points(
                 self.slice_of(position), obj_id, points=pts, labels=None if pts is None else labels, box=box

@@ -12,25 +12,37 @@ without a mirror image. The model, trained with rotations and flips as
 augmentation, makes different mistakes in each. :class:`EnsembleSession` runs
 one :class:`~napari_sam2.model.video.StackSession` per orientation, each with its
 own memory, gives every one the same prompts (mapped onto its view), and returns
-the mean of their mask logits mapped back (test-time augmentation). The API is
-the StackSession's. With all eight orientations the result is exactly
-equivariant: rotating or mirroring the stack and the prompts rotates or mirrors
-the masks. Cost: one tracker per orientation; the slices' features are computed for all
+the mean of their mask logits mapped back (test-time augmentation), using only
+their public methods. Both offer the :class:`~napari_sam2.model.session.Session`
+interface. With all eight orientations the result is exactly equivariant:
+rotating or mirroring the stack and the prompts rotates or mirrors the masks.
+Cost: one tracker per orientation; the slices' features are computed for all
 orientations in one batch.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .config import ORIENTATION_CHOICES
+from .devices import autocast_context
 from .frames import FrameSource
+from .geometry import mask_to_model, orient, orient_xy, unorient
 from .preprocess import InputError
+from .prompts import BOX_LABELS, check_mask, slice_prompt
 from .sam2 import FrameFeatures, SAM2Model
-from .video import SessionCommon, StackSession, low_res_to_slice, run_sweeps
+from .session import Session
+from .video import (
+    SessionCommon,
+    StackSession,
+    check_frame,
+    low_res_to_slice,
+    run_sweeps,
+)
 
 __all__ = [
     "ORIENTATIONS", "ORIENTATION_CHOICES", "EnsembleSession", "OrientedFrames",
@@ -50,7 +62,7 @@ def check_orientations(orientations) -> int:
     return int(orientations)
 
 
-def open_session(model: SAM2Model, frames, *, orientations: int = 1, **session_kwargs):
+def open_session(model: SAM2Model, frames, *, orientations: int = 1, **session_kwargs) -> Session:
     """A :class:`StackSession` for 1 orientation (plain SAM 2), else an :class:`EnsembleSession`."""
     if check_orientations(orientations) == 1:
         return StackSession(model, frames, **session_kwargs)
@@ -69,29 +81,6 @@ def default_orientations(model_name: Optional[str]) -> int:
 # logits are clamped before averaging, so one confident member cannot outvote the rest
 # (the value the reference clamps mask logits to when it feeds them back)
 LOGIT_CLAMP = 32.0
-
-
-def orient(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """A view of ``t`` (... H W) in orientation (k quarter turns, then mirror)."""
-    t = torch.rot90(t, k, (-2, -1)) if k else t
-    return t.flip(-1) if flip else t
-
-
-def unorient(t: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """The inverse of :func:`orient`."""
-    t = t.flip(-1) if flip else t
-    return torch.rot90(t, -k, (-2, -1)) if k else t
-
-
-def orient_xy(xy: np.ndarray, size: int, k: int, flip: bool) -> np.ndarray:
-    """N x 2 (x, y) model-input coordinates (pixel centres at integers, a square of
-    side ``size``) -> the same places in orientation (k, flip)."""
-    x, y = xy[:, 0].astype(np.float32), xy[:, 1].astype(np.float32)
-    for _ in range(k % 4):  # np.rot90 / torch.rot90: out[i, j] = in[j, size - 1 - i]
-        x, y = y, size - 1 - x
-    if flip:
-        x = size - 1 - x
-    return np.stack([x, y], axis=1).astype(np.float32)
 
 
 class OrientedFrames(FrameSource):
@@ -114,24 +103,6 @@ class OrientedFrames(FrameSource):
 
     def model_input(self, index: int, size: int) -> torch.Tensor:
         return orient(self.base.model_input(index, size), self.k, self.flip).contiguous()
-
-
-class _Member(StackSession):
-    """A StackSession whose results stay as low-resolution logits (the ensemble maps them)
-    and whose slice features are computed for all orientations at once, in one batch."""
-
-    def __init__(self, *args, group: "EnsembleSession", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._group = group
-
-    def frame_features(self, frame: int) -> FrameFeatures:
-        frame = self._check_frame(frame)
-        if frame not in self.features:
-            self._group._encode(frame)
-        return super().frame_features(frame)
-
-    def _to_slice(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
-        return low_res.float().cpu()
 
 
 class EnsembleSession(SessionCommon):
@@ -164,12 +135,13 @@ class EnsembleSession(SessionCommon):
         self.height, self.width = self.frames.shape
         self.non_overlap = non_overlap
         self.orientations = ORIENTATIONS[:orientations]
-        self.members: List[_Member] = [
-            _Member(
+        self.members: List[StackSession] = [
+            StackSession(
                 model, OrientedFrames(self.frames, k, flip), non_overlap=False,
-                feature_cache_mb=feature_cache_mb / orientations, group=self, **session_kwargs,
+                feature_cache_mb=feature_cache_mb / orientations,
+                compute_features=functools.partial(self._encode, i), **session_kwargs,
             )
-            for k, flip in self.orientations
+            for i, (k, flip) in enumerate(self.orientations)
         ]
 
     # ------------------------------------------------------------------ state
@@ -187,18 +159,26 @@ class EnsembleSession(SessionCommon):
     def state_nbytes(self) -> int:
         return sum(m.state_nbytes for m in self.members)
 
-    def _encode(self, frame: int) -> None:
-        """Features of one slice in every orientation, one batch through the image encoder."""
-        first = self.members[0]
+    def _encode(self, member: int, frame: int) -> FrameFeatures:
+        """Features of one slice in every orientation, one batch through the image encoder:
+        every other member's cache receives its own, ``member``'s are returned (members
+        ask for a slice's features through this when they do not hold them)."""
+        device = self.model.device
         view = self.frames.model_input(frame, self.model.image_size)  # read and resized once
-        x = torch.cat([orient(view, k, flip) for k, flip in self.orientations]).to(first.device)
-        with torch.inference_mode(), first._amp():
+        x = torch.cat([orient(view, k, flip) for k, flip in self.orientations]).to(device)  # O 3 S S
+        with torch.inference_mode(), autocast_context(device, torch.bfloat16 if self.fast else None):
             f = self.model.frame_features(self.model.normalize(x))
-        for i, m in enumerate(self.members):
-            m.features.put(frame, FrameFeatures(
+        feats = [
+            FrameFeatures(
                 f.image_embed[i : i + 1].float().clone(), [h[i : i + 1].float().clone() for h in f.high_res],
                 f.pos[i : i + 1].float().clone(),
-            ))
+            )
+            for i in range(len(self.members))
+        ]
+        for i, m in enumerate(self.members):
+            if i != member:
+                m.features.put(frame, feats[i])
+        return feats[member]
 
     def _mean(self, lows: Sequence[torch.Tensor]) -> torch.Tensor:
         """The members' low-resolution logits turned back to the caller's orientation and averaged."""
@@ -217,26 +197,24 @@ class EnsembleSession(SessionCommon):
         self, frame: int, obj_id: int, points=None, labels=None, box=None, *, clear: bool = True, return_logits: bool = False
     ) -> Dict[int, np.ndarray]:
         """As :meth:`StackSession.add_points`."""
-        first = self.members[0]  # the unrotated view: prompts are checked in the caller's coordinates
-        frame = first._check_frame(frame)
-        pts, lab = first._model_prompt(points, labels, box, clear)
+        frame = check_frame(frame, self.num_frames)
         size = self.model.image_size
+        pts, lab = slice_prompt(points, labels, box, (self.height, self.width), size, clear=clear)  # caller's view
         lows = []
         for member, (k, flip) in zip(self.members, self.orientations):
             p = orient_xy(pts, size, k, flip)
-            if len(lab) >= 2 and lab[0] == 2 and lab[1] == 3:  # box corners: top-left and bottom-right again
+            if tuple(lab[:2]) == BOX_LABELS:  # box corners: top-left and bottom-right again
                 p[:2] = np.stack([p[:2].min(0), p[:2].max(0)])
-            lows.append(member._add_model_prompt(frame, obj_id, p, lab, clear=clear, return_logits=True))
+            lows.append(member.add_model_points(frame, obj_id, p, lab, clear=clear))
         return self._combine(lows, return_logits)
 
     @torch.inference_mode()
     def add_mask(self, frame: int, obj_id: int, mask, *, return_logits: bool = False) -> Dict[int, np.ndarray]:
         """As :meth:`StackSession.add_mask`."""
-        first = self.members[0]
-        frame = first._check_frame(frame)
-        t = first._model_mask(mask)
+        frame = check_frame(frame, self.num_frames)
+        t = mask_to_model(check_mask(mask, (self.height, self.width)), self.model.image_size, self.model.device)
         lows = [
-            member._add_model_mask(frame, obj_id, orient(t, k, flip).contiguous(), return_logits=True)
+            member.add_model_mask(frame, obj_id, orient(t, k, flip).contiguous())
             for member, (k, flip) in zip(self.members, self.orientations)
         ]
         return self._combine(lows, return_logits)

@@ -21,15 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from .devices import autocast_context
+from .geometry import xy_to_model
 from .preprocess import (
     InputError,
     check_image,
     check_range,
-    check_xy,
     default_intensity_range,
     resize_to_model,
     to_unit_rgb,
 )
+from .prompts import check_prompts
 from .sam2 import FrameFeatures, SAM2Model
 
 
@@ -117,51 +118,11 @@ class ImagePredictor:
     # --------------------------------------------------------------- prompts
 
     def _prompts(self, points, labels, box):
-        """Validate and convert prompts to model-frame tensors (B P 2, B P)."""
-        h, w = self._orig_hw
-        s = self.model.image_size
-        scale = np.array([s / w, s / h], dtype=np.float32)
-        coords, labs = None, None
-        if points is not None or labels is not None:
-            if points is None or labels is None:
-                raise InputError("points and labels must be given together (labels: 1 positive, 0 negative)")
-            pts = np.asarray(points, dtype=np.float32)
-            lab = np.asarray(labels)
-            if pts.ndim == 2:
-                pts = pts[None]
-            if lab.ndim == 1:
-                lab = lab[None]
-            if pts.ndim != 3 or pts.shape[-1] != 2:
-                raise InputError(f"points must have shape (N, 2) as (x, y) pairs, got {np.shape(points)}")
-            if lab.shape != pts.shape[:2]:
-                raise InputError(f"labels must have one entry per point: {pts.shape[1]} points but labels of shape {np.shape(labels)}")
-            if not np.isin(lab, (0, 1)).all():
-                raise InputError("labels must be 1 (positive) or 0 (negative)")
-            check_xy(pts, self._orig_hw, "points")
-            coords, labs = pts * scale, lab.astype(np.int32)
-        if box is not None:
-            bx = np.asarray(box, dtype=np.float32)
-            if bx.ndim == 1:
-                bx = bx[None]
-            if bx.ndim != 2 or bx.shape[-1] != 4:
-                raise InputError(f"box must be (x0, y0, x1, y1) or an (N, 4) array of boxes, got shape {np.shape(box)}")
-            corners = bx.reshape(-1, 2, 2)
-            check_xy(corners, self._orig_hw, "box")
-            if (corners[:, 1] < corners[:, 0]).any():
-                raise InputError("box must be given as (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
-            bcoords = corners * scale
-            blabels = np.tile(np.array([[2, 3]], dtype=np.int32), (len(bx), 1))
-            if coords is not None:
-                if coords.shape[0] not in (1, len(bx)):
-                    raise InputError(f"{coords.shape[0]} point sets do not match {len(bx)} boxes")
-                coords = np.broadcast_to(coords, (len(bx),) + coords.shape[1:])
-                labs = np.broadcast_to(labs, (len(bx),) + labs.shape[1:])
-                coords = np.concatenate([bcoords, coords], axis=1)
-                labs = np.concatenate([blabels, labs], axis=1)
-            else:
-                coords, labs = bcoords, blabels
+        """Validate and convert prompts to model-input tensors (B P 2, B P); (None, None) without any."""
+        coords, labs = check_prompts(points, labels, box, self._orig_hw)
         if coords is None:
             return None, None
+        coords = xy_to_model(coords, self._orig_hw, self.model.image_size)
         dev = self.model.device
         return torch.from_numpy(np.ascontiguousarray(coords)).to(dev), torch.from_numpy(np.ascontiguousarray(labs)).to(dev)
 

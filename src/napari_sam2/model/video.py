@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,8 +23,10 @@ import torch.nn.functional as F
 
 from .devices import autocast_context
 from .frames import FrameSource
+from .geometry import mask_to_model
 from .postprocess import fill_holes, non_overlapping
-from .preprocess import InputError, check_xy
+from .preprocess import InputError
+from .prompts import check_mask, slice_prompt
 from .sam2 import NO_OBJ_SCORE, FrameFeatures, SAM2Model
 from .tracking import (
     FrameOutput,
@@ -36,7 +38,14 @@ from .tracking import (
     upsample_to_model,
 )
 
-__all__ = ["FeatureCache", "ObjectState", "SessionCommon", "StackSession", "Sweep", "run_sweeps"]
+__all__ = ["FeatureCache", "ObjectState", "SessionCommon", "StackSession", "Sweep", "check_frame", "run_sweeps"]
+
+
+def check_frame(frame: int, num_frames: int) -> int:
+    """``frame`` as an int, or an InputError when it is not a slice of a stack of ``num_frames``."""
+    if not isinstance(frame, (int, np.integer)) or not 0 <= int(frame) < num_frames:
+        raise InputError(f"slice {frame} is outside the stack (0..{num_frames - 1})")
+    return int(frame)
 
 
 def low_res_to_slice(
@@ -264,7 +273,9 @@ class StackSession(SessionCommon):
     conditioning slice, kept when propagating again (the reference keeps it only
     in memory; False reproduces that). feature_cache_mb: byte budget for cached
     slice features. offload_state: keep memories on the CPU while computing on
-    a GPU. fast: bfloat16 autocast.
+    a GPU. fast: bfloat16 autocast. compute_features: ``frame -> FrameFeatures``
+    called when a slice's features are not cached (default :meth:`encode_frame`;
+    an ensemble encodes all its orientations in one batch this way).
     """
 
     def __init__(
@@ -279,6 +290,7 @@ class StackSession(SessionCommon):
         feature_cache_mb: float = 256,
         offload_state: bool = False,
         fast: bool = False,
+        compute_features: Optional[Callable[[int], FrameFeatures]] = None,
     ) -> None:
         self.model = model.eval()
         self.frames = frames if isinstance(frames, FrameSource) else FrameSource(frames, intensity_range)
@@ -291,6 +303,7 @@ class StackSession(SessionCommon):
         self.storage_device = torch.device("cpu") if offload_state else self.device
         self.fast = fast
         self.features = FeatureCache(int(feature_cache_mb * 2**20))
+        self._compute_features = compute_features
         self.objects: "OrderedDict[int, ObjectState]" = OrderedDict()
         self._maskmem_pos: Optional[torch.Tensor] = None
         # frames that must keep their memory: the attention window around prompts
@@ -305,11 +318,6 @@ class StackSession(SessionCommon):
     def _amp(self):
         return autocast_context(self.device, torch.bfloat16 if self.fast else None)
 
-    def _check_frame(self, frame: int) -> int:
-        if not isinstance(frame, (int, np.integer)) or not 0 <= int(frame) < self.num_frames:
-            raise InputError(f"slice {frame} is outside the stack (0..{self.num_frames - 1})")
-        return int(frame)
-
     def _object(self, obj_id: int, create: bool = False) -> ObjectState:
         obj_id = int(obj_id)
         if obj_id not in self.objects:
@@ -320,15 +328,19 @@ class StackSession(SessionCommon):
 
     def frame_features(self, frame: int) -> FrameFeatures:
         """Features of one slice (computed once, then cached within the budget)."""
-        frame = self._check_frame(frame)
+        frame = check_frame(frame, self.num_frames)
         feats = self.features.get(frame)
         if feats is None:
-            x = self.frames.model_input(frame, self.model.image_size).to(self.device)
-            with torch.inference_mode(), self._amp():
-                feats = self.model.frame_features(self.model.normalize(x))
-            feats = FrameFeatures(feats.image_embed.float(), [h.float() for h in feats.high_res], feats.pos.float())
+            feats = self.encode_frame(frame) if self._compute_features is None else self._compute_features(frame)
             self.features.put(frame, feats)
         return feats
+
+    def encode_frame(self, frame: int) -> FrameFeatures:
+        """Features of one slice through the model's image encoder (float32, not cached)."""
+        x = self.frames.model_input(frame, self.model.image_size).to(self.device)
+        with torch.inference_mode(), self._amp():
+            feats = self.model.frame_features(self.model.normalize(x))
+        return FrameFeatures(feats.image_embed.float(), [h.float() for h in feats.high_res], feats.pos.float())
 
     def prefetch(self, frames: Sequence[int]) -> None:
         """Compute features ahead (e.g. the slices next to the one on screen)."""
@@ -342,11 +354,6 @@ class StackSession(SessionCommon):
         return self._maskmem_pos
 
     # ------------------------------------------------------------------ prompts
-
-    def _to_model_xy(self, xy: np.ndarray, name: str) -> np.ndarray:
-        check_xy(xy, (self.height, self.width), name, where="slice")
-        s = self.model.image_size
-        return xy * np.array([s / self.width, s / self.height], dtype=np.float32)
 
     @torch.inference_mode()
     def add_points(
@@ -366,78 +373,47 @@ class StackSession(SessionCommon):
         clear=False adds the clicks to this slice's earlier ones (not with a box).
         Returns {object id: H x W bool mask (or float logits)} for every object on this slice.
         """
-        frame = self._check_frame(frame)
-        pts, lab = self._model_prompt(points, labels, box, clear)
-        return self._add_model_prompt(frame, obj_id, pts, lab, clear=clear, return_logits=return_logits)
+        frame = check_frame(frame, self.num_frames)
+        pts, lab = slice_prompt(points, labels, box, (self.height, self.width), self.model.image_size, clear=clear)
+        return self._to_slice(self.add_model_points(frame, obj_id, pts, lab, clear=clear), return_logits)
 
-    def _model_prompt(self, points, labels, box, clear: bool) -> Tuple[np.ndarray, np.ndarray]:
-        """Check clicks and box; returns (N x 2 model-input coordinates, N labels), box corners first."""
-        if (points is None) != (labels is None):
-            raise InputError("points and labels must be given together (labels: 1 positive, 0 negative)")
-        if points is None and box is None:
-            raise InputError("give points with labels, or a box")
-        pts = np.zeros((0, 2), np.float32) if points is None else np.asarray(points, np.float32).reshape(-1, 2)
-        lab = np.zeros((0,), np.int32) if labels is None else np.asarray(labels).reshape(-1)
-        if points is not None and np.asarray(points).ndim != 2:
-            raise InputError(f"points must have shape (N, 2) as (x, y) pairs, got {np.shape(points)}")
-        if len(lab) != len(pts):
-            raise InputError(f"labels must have one entry per point: {len(pts)} points, {len(lab)} labels")
-        if not np.isin(lab, (0, 1)).all():
-            raise InputError("labels must be 1 (positive) or 0 (negative)")
-        pts = self._to_model_xy(pts, "points")
-        if box is not None:
-            bx = np.asarray(box, np.float32).reshape(-1)
-            if bx.shape != (4,):
-                raise InputError(f"box must be (x0, y0, x1, y1), got {np.shape(box)}")
-            if bx[2] < bx[0] or bx[3] < bx[1]:
-                raise InputError("box must be given as (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
-            if not clear:
-                raise InputError("a box replaces the slice's earlier prompts: use clear=True with a box")
-            pts = np.concatenate([self._to_model_xy(bx.reshape(2, 2), "box"), pts])
-            lab = np.concatenate([[2, 3], lab])
-        return pts.astype(np.float32), lab.astype(np.int32)
-
-    def _add_model_prompt(self, frame: int, obj_id: int, pts: np.ndarray, lab: np.ndarray, *, clear: bool, return_logits: bool):
-        """add_points with checked prompts already in model-input coordinates."""
+    @torch.inference_mode()
+    def add_model_points(self, frame: int, obj_id: int, coords: np.ndarray, labels: np.ndarray, *, clear: bool = True) -> torch.Tensor:
+        """:meth:`add_points` with a checked prompt already on the model's input: coords N x 2
+        (x, y), labels N (1, 0; 2 and 3 for a box's corners, first). Returns the slice's
+        B 1 4h 4w low-resolution logits, one row per object (``obj_ids`` order), on the CPU."""
+        frame = check_frame(frame, self.num_frames)
         obj = self._object(obj_id, create=True)
         new = PointPrompt(
-            torch.from_numpy(pts[None].copy()).to(self.device),
-            torch.from_numpy(lab[None].astype(np.int32)).to(self.device),
+            torch.from_numpy(np.array(coords, np.float32)[None]).to(self.device),  # 1 N 2
+            torch.from_numpy(np.asarray(labels).astype(np.int32)[None]).to(self.device),  # 1 N
         )
         old = obj.points.get(frame)
         obj.skipped.discard(frame)
         prompt = new if (clear or old is None) else old.extended(new.coords, new.labels)
         obj.points[frame] = prompt
         obj.masks.pop(frame, None)
-        return self._run_prompted(obj, frame, prompt=prompt, mask=None, return_logits=return_logits)
+        return self._run_prompted(obj, frame, prompt=prompt, mask=None)
 
     @torch.inference_mode()
     def add_mask(self, frame: int, obj_id: int, mask, *, return_logits: bool = False) -> Dict[int, np.ndarray]:
         """Give an object's mask on one slice (H x W, bool or 0/1); returns the slice's masks."""
-        frame = self._check_frame(frame)
-        return self._add_model_mask(frame, obj_id, self._model_mask(mask), return_logits=return_logits)
+        frame = check_frame(frame, self.num_frames)
+        t = mask_to_model(check_mask(mask, (self.height, self.width)), self.model.image_size, self.device)
+        return self._to_slice(self.add_model_mask(frame, obj_id, t), return_logits)
 
-    def _model_mask(self, mask) -> torch.Tensor:
-        """Check a slice mask; returns it as a 1 1 S S float 0/1 tensor at model-input size."""
-        m = np.asarray(mask)
-        if m.shape != (self.height, self.width):
-            raise InputError(f"mask must have the slice's shape {(self.height, self.width)}, got {m.shape}")
-        t = torch.from_numpy(m.astype(np.float32) > 0).float()[None, None].to(self.device)
-        s = self.model.image_size
-        if t.shape[-2:] != (s, s):
-            t = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-            t = (t >= 0.5).float()
-        return t
-
-    def _add_model_mask(self, frame: int, obj_id: int, t: torch.Tensor, *, return_logits: bool):
-        """add_mask with a checked mask already at model-input size."""
+    @torch.inference_mode()
+    def add_model_mask(self, frame: int, obj_id: int, mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`add_mask` with a checked mask already at the model's input size (1 1 S S,
+        float 0 / 1); returns the slice's logits as :meth:`add_model_points` does."""
+        frame = check_frame(frame, self.num_frames)
         obj = self._object(obj_id, create=True)
         obj.skipped.discard(frame)
-        obj.masks[frame] = t
+        obj.masks[frame] = mask.to(self.device)
         obj.points.pop(frame, None)
-        return self._run_prompted(obj, frame, prompt=None, mask=t, return_logits=return_logits)
+        return self._run_prompted(obj, frame, prompt=None, mask=obj.masks[frame])
 
-    def _run_prompted(self, obj: ObjectState, frame: int, *, prompt, mask, return_logits: bool):
+    def _run_prompted(self, obj: ObjectState, frame: int, *, prompt, mask) -> torch.Tensor:
         is_init = frame not in obj.tracked
         reverse = False if is_init else obj.tracked[frame]
         is_cond = is_init or self.corrections_as_conditioning
@@ -453,7 +429,7 @@ class StackSession(SessionCommon):
         (obj.pending_cond if is_cond else obj.pending_non_cond)[frame] = out
         if is_cond:
             obj.pending_non_cond.pop(frame, None)
-        return self._frame_result(frame, return_logits)
+        return self.frame_logits(frame)
 
     def _compact(self, low_res, obj_ptr, score, maskmem, filled: bool = False) -> FrameOutput:
         if not filled:
@@ -466,7 +442,9 @@ class StackSession(SessionCommon):
             maskmem_features=None if maskmem is None else maskmem.to(torch.bfloat16).to(st),
         )
 
-    def _frame_result(self, frame: int, return_logits: bool) -> Dict[int, np.ndarray]:
+    def frame_logits(self, frame: int) -> torch.Tensor:
+        """The latest B 1 4h 4w low-resolution logits of every object on one slice (one row
+        per object, ``obj_ids`` order; "absent" where nothing is known), on the CPU."""
         side = 4 * self.model.config.embedding_size
         lows = []
         for obj in self.objects.values():
@@ -475,9 +453,12 @@ class StackSession(SessionCommon):
                 lows.append(torch.full((1, 1, side, side), NO_OBJ_SCORE))
             else:
                 lows.append(out.pred_masks.float().cpu())
-        return self._to_slice(torch.cat(lows, dim=0), return_logits) if lows else {}
+        return torch.cat(lows, dim=0) if lows else torch.empty((0, 1, side, side))
 
     def _to_slice(self, low_res: torch.Tensor, return_logits: bool) -> Dict[int, np.ndarray]:
+        """B 1 4h 4w logits of every object -> {obj_id: H x W mask or logits}."""
+        if not len(low_res):
+            return {}
         return low_res_to_slice(low_res, list(self.objects), (self.height, self.width), self.non_overlap, return_logits)
 
     # ------------------------------------------------------------------ editing
@@ -485,7 +466,7 @@ class StackSession(SessionCommon):
     @torch.inference_mode()
     def clear_frame(self, frame: int, obj_id: int) -> None:
         """Forget one object's prompts on one slice (its tracked result stays as memory)."""
-        frame = self._check_frame(frame)
+        frame = check_frame(frame, self.num_frames)
         obj = self._object(obj_id)
         obj.points.pop(frame, None)
         obj.masks.pop(frame, None)
@@ -576,14 +557,14 @@ class StackSession(SessionCommon):
             raise InputError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
         lo, hi = 0, self.num_frames - 1
         if frame_range is not None:
-            lo, hi = (self._check_frame(int(v)) for v in frame_range)
+            lo, hi = (check_frame(int(v), self.num_frames) for v in frame_range)
             if hi < lo:
                 raise InputError(f"frame_range must be (first, last) with first <= last, got {frame_range}")
         ids = self.obj_ids if obj_ids is None else [int(i) for i in obj_ids]
         for i in ids:
             self._object(i)  # unknown ids are refused with a clear message
         if start is not None:
-            start = self._check_frame(start)
+            start = check_frame(start, self.num_frames)
         limits: Dict[int, Tuple[int, int]] = {}
         anchors: Dict[int, int] = {}
         for i in ids:
@@ -625,7 +606,7 @@ class StackSession(SessionCommon):
         """Track ``obj_ids`` on one slice (prompted slices keep their result): returns
         (B 1 4h 4w low-resolution logits, B object-score logits), on the CPU.
         Objects that step together go through the model as one batch."""
-        frame = self._check_frame(frame)
+        frame = check_frame(frame, self.num_frames)
         objs = [self.objects[i] for i in obj_ids]
         lows: List[Optional[torch.Tensor]] = [None] * len(objs)
         scores: List[Optional[torch.Tensor]] = [None] * len(objs)
