@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .jobs import Executor, Job, JobQueue, SyncExecutor
+from .model.geometry import data_point, data_to_view, on_slice, point_rc, view_to_data
 from .model.preprocess import InputError
 from .segmenter import StackSegmenter, write_masks
 
@@ -45,7 +46,7 @@ class SlicePrompts:
         return not self.points and self.box is None and self.mask is None
 
     def signature(self) -> tuple:
-        rnd = lambda rc: tuple(tuple(round(float(v), 3) for v in p) for p in rc)  # noqa: E731
+        rnd = lambda rc: tuple(tuple(round(float(v), 3) for v in p) for p in rc)
         mask = None if self.mask is None else (self.mask.shape, np.packbits(self.mask).tobytes())
         return rnd(self.points), tuple(self.labels), None if self.box is None else rnd(self.box), mask
 
@@ -69,6 +70,20 @@ class ObjectRow:
     prompted_slices: List[int]
     filled_slices: int
     hidden: bool
+
+
+def parse_slice_range(text: str) -> Optional[Tuple[int, int]]:
+    """A slice range typed by a user: "" -> None (all slices); "10-40", "10:40" or
+    "10,40" -> (10, 40) (either order)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    for sep in ("-", ":", ","):
+        a, found, b = text.partition(sep)
+        if found and a.strip().isdigit() and b.strip().isdigit():
+            lo, hi = sorted((int(a), int(b)))
+            return lo, hi
+    raise InputError(f"slices {text!r}: give a range as first-last (e.g. 10-40), or leave it empty for all")
 
 
 def _noop(*_a, **_k) -> None:
@@ -177,23 +192,12 @@ class Annotator:
 
     def slice_key(self, position: Sequence[int]) -> tuple:
         """A position with the displayed axes zeroed: which slice it is."""
-        return tuple(0 if a in self.displayed else int(round(float(position[a]))) for a in range(self.ndim))
+        return tuple(0 if a in self.displayed else round(float(position[a])) for a in range(self.ndim))
 
     def slice_index(self, position: Sequence[int]) -> tuple:
         """The index of a position's slice into ``labels``."""
         pos = self.slice_key(position)
         return self.segmenter.label_index(pos, self.segmenter.slice_of(pos))
-
-    def _on_slice(self, coord: Sequence[float], key: tuple) -> bool:
-        return all(int(round(float(coord[a]))) == key[a] for a in range(self.ndim) if a not in self.displayed)
-
-    def _view_rc(self, coord: Sequence[float]) -> Tuple[float, float]:
-        return float(coord[self.displayed[0]]), float(coord[self.displayed[1]])
-
-    def _data_coord(self, key: tuple, rc: Sequence[float]) -> List[float]:
-        c = [float(v) for v in key]
-        c[self.displayed[0]], c[self.displayed[1]] = float(rc[0]), float(rc[1])
-        return c
 
     def _write(self, index: tuple, masks: Dict[int, np.ndarray]) -> None:
         masks = {k: m for k, m in masks.items() if k not in self.user_labels}
@@ -325,14 +329,14 @@ class Annotator:
         key = self.slice_key(position)
         new: Dict[int, SlicePrompts] = {}
         for coord, positive, obj in clicks:
-            if self._on_slice(coord, key):
+            if on_slice(coord, key, self.displayed):
                 p = new.setdefault(int(obj), SlicePrompts())
-                p.points += (self._view_rc(coord),)
+                p.points += (point_rc(coord, self.displayed),)
                 p.labels += (1 if positive else 0,)
         for corners, obj in boxes:
             corners = np.asarray(corners, float).reshape(-1, self.ndim)
-            if all(self._on_slice(c, key) for c in corners):
-                rc = np.array([self._view_rc(c) for c in corners])
+            if all(on_slice(c, key, self.displayed) for c in corners):
+                rc = np.array([point_rc(c, self.displayed) for c in corners])
                 lo, hi = rc.min(0), rc.max(0)
                 new.setdefault(int(obj), SlicePrompts()).box = ((float(lo[0]), float(lo[1])), (float(hi[0]), float(hi[1])))
         had = {o for o, p in self.prompts_on_slice(key).items() if p.points or p.box is not None}
@@ -356,11 +360,11 @@ class Annotator:
         clicks, boxes = [], []
         for obj in sorted(self.objects.values(), key=lambda o: o.obj_id):
             for key, p in sorted(obj.prompts.items()):
-                clicks += [(self._data_coord(key, rc), bool(lab), obj.obj_id) for rc, lab in zip(p.points, p.labels)]
+                clicks += [(data_point(key, rc, self.displayed), bool(lab), obj.obj_id) for rc, lab in zip(p.points, p.labels)]
                 if p.box is not None:
                     (r0, c0), (r1, c1) = p.box
                     corners = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]
-                    boxes.append(([self._data_coord(key, rc) for rc in corners], obj.obj_id))
+                    boxes.append(([data_point(key, rc, self.displayed) for rc in corners], obj.obj_id))
         return clicks, boxes
 
     def set_prompts(self, position: Sequence[int], obj_id: int, *, points=(), labels=(), box=None, tag=None) -> None:
@@ -377,7 +381,7 @@ class Annotator:
         if obj_id in self.user_labels:
             return False
         key = self.slice_key(position)
-        mask = self.segmenter.to_data_order(np.asarray(self.labels[self.slice_index(key)]) == obj_id)
+        mask = data_to_view(np.asarray(self.labels[self.slice_index(key)]) == obj_id, self.displayed)
         if not mask.any():
             return False
         self._apply(key, obj_id, SlicePrompts(mask=mask), tag=tag, kind="paint")
@@ -711,12 +715,12 @@ class Annotator:
             for key, p in sorted(obj.prompts.items()):
                 item = {"slice": list(key)}
                 if p.points:
-                    item["points"] = [self._data_coord(key, rc) for rc in p.points]
+                    item["points"] = [data_point(key, rc, self.displayed) for rc in p.points]
                     item["labels"] = list(p.labels)
                 if p.box is not None:
-                    item["box"] = [self._data_coord(key, rc) for rc in p.box]
+                    item["box"] = [data_point(key, rc, self.displayed) for rc in p.box]
                 if p.mask is not None:
-                    item["mask"] = encode_mask(seg.to_data_order(p.mask))
+                    item["mask"] = encode_mask(view_to_data(p.mask, self.displayed))
                 prompts.append(item)
             objects.append({"id": obj.obj_id, "hidden": obj.hidden, "prompts": prompts})
         return {
@@ -771,19 +775,18 @@ class Annotator:
             self.labels[...] = np.where(self.labels == 0, saved, self.labels)
             self.user_labels = self.user_labels | (frozenset(int(v) for v in record.get("user_labels", ())))
             self.on_labels(False)
-        seg = self.segmenter
         for item in record["objects"]:
             obj_id = int(item["id"])
             for p in item["prompts"]:
                 key = self.slice_key(p["slice"])
                 if "mask" in p:
-                    mask = seg.to_data_order(decode_mask(p["mask"]))
+                    mask = data_to_view(decode_mask(p["mask"]), self.displayed)
                     self._apply(key, obj_id, SlicePrompts(mask=mask), kind="paint")
                 else:
-                    pts = [self._view_rc(c) for c in p.get("points", [])]
+                    pts = [point_rc(c, self.displayed) for c in p.get("points", [])]
                     box = p.get("box")
                     self.set_prompts(key, obj_id, points=pts, labels=p.get("labels", []),
-                                     box=None if box is None else [self._view_rc(c) for c in box])
+                                     box=None if box is None else [point_rc(c, self.displayed) for c in box])
             if item.get("hidden") and obj_id in self.objects:
                 self.objects[obj_id].hidden = True
         self.active = self.next_label()

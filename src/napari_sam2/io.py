@@ -448,6 +448,19 @@ def _umask() -> int:
     return old
 
 
+def guess_axes(ndim: int, info: Optional[dict] = None, axis_labels: Sequence[str] = ()) -> str:
+    """The axis letters (TZCYX) of an ``ndim``-D image for saving: from the reader's
+    metadata (``info["axes"]``), else the viewer's axis labels when they are such letters,
+    else the usual order (YX, ZYX, TZYX, TZCYX)."""
+    axes = str((info or {}).get("axes") or "").upper()
+    if len(axes) == ndim and set(axes) <= set("TZCYX"):
+        return axes
+    labels = [str(a).upper() for a in axis_labels][-ndim:]
+    if len(labels) == ndim and all(a in ("T", "Z", "C", "Y", "X") for a in labels) and len(set(labels)) == ndim:
+        return "".join(labels)
+    return {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TZCYX"}.get(ndim, "")
+
+
 def tiff_path(path: Union[str, Path]) -> Path:
     """``path`` with ``.tif`` added unless it already ends in .tif or .tiff."""
     path = Path(path)

@@ -97,7 +97,8 @@ class JobQueue:
     def busy(self) -> bool:
         return self.running_key is not None or bool(self._pending)
 
-    def keys(self):
+    @property
+    def keys(self) -> list:
         """Keys of the running and queued jobs."""
         return [k for k in [self.running_key, *self._pending] if k is not None]
 

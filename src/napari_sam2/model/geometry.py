@@ -58,6 +58,14 @@ def point_rc(coord: Sequence[float], displayed: Sequence[int]) -> Tuple[float, f
     return float(coord[displayed[0]]), float(coord[displayed[1]])
 
 
+def data_point(position: Sequence[float], rc: Sequence[float], displayed: Sequence[int]) -> list:
+    """A (row, column) of the view on the slice at ``position`` -> its n-D data coordinate
+    (the inverse of :func:`point_rc`)."""
+    c = [float(v) for v in position]
+    c[displayed[0]], c[displayed[1]] = float(rc[0]), float(rc[1])
+    return c
+
+
 def on_slice(coord: Sequence[float], position: Sequence[int], displayed: Sequence[int]) -> bool:
     """Whether an n-D data coordinate lies on the slice shown at ``position`` (every axis
     but the displayed ones, rounded to the nearest integer, equals the position's)."""

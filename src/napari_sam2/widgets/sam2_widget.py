@@ -16,7 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton, Table
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    LineEdit,
+    PushButton,
+)
 
 from ..model.config import DEFAULT_MODEL, MODELS
 from ..model.ensemble import default_orientations
@@ -28,7 +36,6 @@ STOP_ITEMS = [("never", 0), ("1 empty slice", 1), ("2 empty slices", 2), ("3 emp
 POSITIVE_COLOR, NEGATIVE_COLOR = "#33ff33", "#ff3355"
 STATUS_CHARS = 240  # longer messages are cut in the status line (the whole text is its tooltip)
 DOCK_MAX_WIDTH = 460
-TABLE_COLUMNS = ["object", "prompted slices", "slices filled", "shown"]
 
 
 def _notify_error(msg: str) -> None:
@@ -53,24 +60,6 @@ def _rgba(color: str) -> np.ndarray:
     from napari.utils.colormaps.standardize_color import transform_color
 
     return transform_color(color)[0]
-
-
-def parse_range(text: str):
-    """"" -> None (all slices); "10-40" or "10:40" -> (10, 40)."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    for sep in ("-", ":", ","):
-        if sep in text:
-            a, b = text.split(sep, 1)
-            try:
-                lo, hi = int(a), int(b)
-            except ValueError:
-                break
-            if lo > hi:
-                lo, hi = hi, lo
-            return lo, hi
-    raise InputError(f"slices {text!r}: give a range as first-last (e.g. 10-40), or leave it empty for all")
 
 
 class SAM2Widget(Container):
@@ -101,14 +90,12 @@ class SAM2Widget(Container):
             label="Stop an object after", choices=STOP_ITEMS, value=0,
             tooltip="Stop tracking an object in a direction after this many slices where the model finds it "
             "absent (z-stacks: nuclei do not come back; time-lapses: cells may leave and return, so never).")
-        self._which = ComboBox(label="Objects", choices=[("changed (or all)", "changed"), ("selected in the table", "selected")],
-                               tooltip="Which objects a propagation runs: those whose prompts changed since their "
-                               "last propagation (all when none did), or the objects selected in the table.")
-        self._range = LineEdit(label="Slices", value="", tooltip="Propagate within first-last (e.g. 10-40); empty: all.")
         self._cancel_btn = PushButton(text="Cancel [Esc]", enabled=False)
-        self._table = Table(value={"data": [], "columns": TABLE_COLUMNS}, label="Objects")
-        self._delete_btn = PushButton(text="Delete selected")
-        self._hide_btn = PushButton(text="Hide / show selected")
+        from .objects_panel import ObjectsPanel
+
+        self._panel = ObjectsPanel(on_delete=lambda ids: [self.delete_object(i) for i in ids],
+                                   on_hide=lambda ids: [self.set_hidden(i, i not in self.hidden_objects) for i in ids],
+                                   on_select=self._select_label)
         self._undo_btn = PushButton(text="Undo [Ctrl+Z]")
         self._axes_edit = LineEdit(label="Axes for TIFF", value="")
         self._save_btn = PushButton(text="Save labels…")
@@ -117,21 +104,14 @@ class SAM2Widget(Container):
         self.extend([
             self._image_combo, self._model_combo, self._checkpoint, self._device_combo, self._fast, self._orientations,
             self._axis_combo, self._output_combo, self._start_btn, self._new_obj_btn, self._polarity_btn, self._fwd_btn,
-            self._back_btn, self._both_btn, self._stop_after, self._which, self._range, self._cancel_btn, self._table,
-            self._delete_btn, self._hide_btn, self._undo_btn, self._axes_edit, self._save_btn, self._resume_btn,
+            self._back_btn, self._both_btn, self._stop_after, self._cancel_btn, self._panel, self._undo_btn, self._axes_edit, self._save_btn, self._resume_btn,
             self._status,
         ])
         self._status.native.setWordWrap(True)  # long messages wrap instead of widening the window
         self.native.setMaximumWidth(DOCK_MAX_WIDTH)
-        from qtpy.QtWidgets import QAbstractItemView
-
-        self._table.native.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self._table.native.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self._table.native.itemSelectionChanged.connect(self._on_table_selection)
         self._model = self._model_key = self._loaded_choice = None
         self._controller = None
         self._retired: list = []  # controllers of ended sessions whose work still runs
-        self._row_ids: list = []  # the object of each table row
         self._image_layer = self._points = self._shapes = self._labels = None
         self._positive = True
         self._loading = False
@@ -150,8 +130,6 @@ class SAM2Widget(Container):
         self._both_btn.changed.connect(lambda: self.propagate("both"))
         self._stop_after.changed.connect(self._on_stop_after)
         self._cancel_btn.changed.connect(lambda: self.cancel())
-        self._delete_btn.changed.connect(lambda: [self.delete_object(i) for i in self.selected_objects])
-        self._hide_btn.changed.connect(lambda: [self.set_hidden(i, i not in self.hidden_objects) for i in self.selected_objects])
         self._undo_btn.changed.connect(lambda: self.undo())
         self._save_btn.changed.connect(lambda: self._save_dialog())
         self._resume_btn.changed.connect(lambda: self._resume_dialog())
@@ -342,7 +320,7 @@ class SAM2Widget(Container):
     @property
     def position(self) -> tuple:
         """The viewer's position in the session image's axes."""
-        return tuple(int(round(s)) for s in self._viewer.dims.current_step[-self._image_layer.ndim:])
+        return tuple(round(s) for s in self._viewer.dims.current_step[-self._image_layer.ndim:])
 
     # ------------------------------------------------------------------ configuration and session
 
@@ -382,10 +360,7 @@ class SAM2Widget(Container):
         if output is not None:
             self._output_combo.reset_choices()
             self._output_combo.value = output
-        if objects is not None:
-            self._which.value = objects
-        if slices is not None:
-            self._range.value = str(slices)
+        self._panel.configure(which=objects, slices=slices)
         if loaded_model is not None:  # used for the choices made so far; another choice loads its own
             self._model, self._model_key = loaded_model, self._choice_key()
 
@@ -455,6 +430,7 @@ class SAM2Widget(Container):
 
     def _begin(self, layer, model) -> None:
         from ..controller import Annotator
+        from ..io import guess_axes
         from ..jobs import NapariExecutor
 
         dims = self._viewer.dims
@@ -469,7 +445,8 @@ class SAM2Widget(Container):
         self._image_layer = layer
         self._make_layers(layer)
         name, ckpt = self._model_choice()
-        axes = self._axes_edit.value = self._guess_axes(layer)
+        axes = self._axes_edit.value = guess_axes(layer.ndim, (layer.metadata or {}).get("napari_sam2"),
+                                                 dims.axis_labels if dims.ndim == nd else ())
         if axis is not None:
             self._stop_after.value = 0 if axes[axis:axis + 1] == "T" else 3
         self._controller = ann = Annotator(
@@ -490,17 +467,6 @@ class SAM2Widget(Container):
         self._on_objects()
         self._set_status(f"Click on an object (positive: left click; T toggles negative). Label {ann.active} is active.")
         ann.prefetch(self.position)
-
-    def _guess_axes(self, layer) -> str:
-        nd = layer.ndim
-        info = (getattr(layer, "metadata", None) or {}).get("napari_sam2") or {}
-        axes = str(info.get("axes") or "").upper()
-        if len(axes) == nd and set(axes) <= set("TZCYX"):
-            return axes
-        labels = [str(a).upper() for a in self._viewer.dims.axis_labels][-nd:] if self._viewer.dims.ndim == nd else []
-        if labels and all(a in "TZCYX" for a in labels) and len(set(labels)) == nd:
-            return "".join(labels)
-        return {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TZCYX"}.get(nd, "")
 
     def _make_layers(self, image) -> None:
         v, nd = self._viewer, image.ndim
@@ -594,69 +560,34 @@ class SAM2Widget(Container):
     @property
     def selected_objects(self) -> list:
         """Objects selected in the table (the active object when none is)."""
-        rows = sorted({i.row() for i in self._table.native.selectedIndexes()})
-        ids = [self._row_ids[r] for r in rows if r < len(self._row_ids)]
-        return ids or ([self.active_object] if self._controller is not None and self.active_object in
-                       self._controller.objects else [])
+        ann = self._controller
+        return self._panel.selected or ([self.active_object] if ann is not None and self.active_object in ann.objects else [])
 
     def select_objects(self, ids) -> None:
         """Select objects in the table (the first becomes the active object)."""
-        from qtpy.QtCore import QItemSelectionModel
+        self._panel.select(ids)
 
-        table = self._table.native
-        table.clearSelection()
-        rows = [r for r, i in enumerate(self._row_ids) if i in set(ids)]
-        for r in rows:
-            table.selectionModel().select(table.model().index(r, 0),
-                                          QItemSelectionModel.SelectionFlag.Select | QItemSelectionModel.SelectionFlag.Rows)
+    def _select_label(self, obj_id: int) -> None:
+        if self._labels is not None:
+            self._labels.selected_label = obj_id
 
     @property
     def hidden_objects(self) -> list:
         return [] if self._controller is None else self._controller.hidden
 
-    def _on_table_selection(self) -> None:
-        ids = self.selected_objects
-        if ids and self._labels is not None and not self._writing:
-            self._labels.selected_label = ids[0]
-
     def _on_objects(self) -> None:
-        rows = self.object_rows
-        keep = self.selected_objects if self._row_ids else []
-        self._writing = True
-        try:
-            self._row_ids = [r.obj_id for r in rows]
-            self._table.value = {"data": [[r.obj_id, ", ".join(map(str, r.prompted_slices)), r.filled_slices,
-                                           "no" if r.hidden else "yes"] for r in rows], "columns": TABLE_COLUMNS}
-            if self._labels is not None:
-                from qtpy.QtGui import QColor
+        """The object table and the hidden objects follow the controller."""
+        from .objects_panel import hiding_colormap
 
-                colormap = self._colormap or self._labels.colormap
-                for i, r in enumerate(rows):
-                    rgba = np.asarray(colormap.map(np.array([r.obj_id])))[0]
-                    self._table.native.item(i, 0).setBackground(QColor.fromRgbF(*[float(c) for c in rgba[:3]], 1.0))
-            self.select_objects(keep)
-        finally:
-            self._writing = False
-        self._show_hidden()
-
-    def _show_hidden(self) -> None:
-        """Hidden objects are drawn transparent (a colormap that maps them to nothing)."""
-        from napari.utils.colormaps import DirectLabelColormap
-
-        layer, hidden = self._labels, self.hidden_objects
-        if layer is None:
+        layer = self._labels
+        self._panel.show_rows(self.object_rows, None if layer is None else (self._colormap or layer.colormap))
+        hidden = self.hidden_objects
+        if layer is None or not (hidden or self._colormap):
             return
+        self._colormap = self._colormap or layer.colormap
+        layer.colormap = hiding_colormap(self._colormap, hidden, self._controller.next_label()) if hidden else self._colormap
         if not hidden:
-            if self._colormap is not None:
-                layer.colormap, self._colormap = self._colormap, None
-            return
-        if self._colormap is None:
-            self._colormap = layer.colormap
-        ids = range(1, self._controller.next_label() + 1)
-        colors = {i: self._colormap.map(np.array([i]))[0] for i in ids}
-        colors.update({i: np.zeros(4) for i in hidden})
-        colors[None] = np.zeros(4)
-        layer.colormap = DirectLabelColormap(color_dict=colors)
+            self._colormap = None
 
     def delete_object(self, obj_id: int) -> None:
         """Remove an object: its labels, its clicks and boxes, its engine state (Ctrl+Z brings it back)."""
@@ -767,7 +698,7 @@ class SAM2Widget(Container):
     def _undo_key(self, layer) -> None:
         """Ctrl+Z: on the labels layer napari's own undo, unless the last change was SAM 2's."""
         ann = self._controller
-        painting = ann is not None and any(k[0] == "paint" for k in ann.queue.keys())
+        painting = ann is not None and any(k[0] == "paint" for k in ann.queue.keys)
         if layer is self._labels and not painting and (ann is None or ann.last_change not in ("paint",)):
             layer.undo()
             return
@@ -791,12 +722,12 @@ class SAM2Widget(Container):
             _notify_error("napari-sam2: start a session and give a prompt first.")
             return
         try:
-            frame_range = parse_range(self._range.value)
+            frame_range = self._panel.frame_range
         except InputError as err:
             _notify_error(f"napari-sam2: {err}")
             self._set_status(str(err))
             return
-        objects = self.selected_objects if self._which.value == "selected" else None
+        objects = self.selected_objects if self._panel.which == "selected" else None
         n = len(ann.segmenter.view(self.position)) if ann.axis is not None else 0
         bar = progress(total=n if direction != "both" else 2 * n, desc=f"SAM 2: propagating {direction}")
 
@@ -895,14 +826,14 @@ class SAM2Widget(Container):
             return
         # the dialog asked about replacing the name it returned; ask only when another file (".tif" added) exists
         real = tiff_path(path)
-        if str(real) != str(path) and real.exists():
-            if QMessageBox.question(None, "Replace file?", f"{real} exists. Replace it?") != QMessageBox.StandardButton.Yes:
-                return
+        if str(real) != str(path) and real.exists() and QMessageBox.question(
+                None, "Replace file?", f"{real} exists. Replace it?") != QMessageBox.StandardButton.Yes:
+            return
         try:
             out = self.save_labels(path, overwrite=True)
             _notify_info(f"napari-sam2: saved {out} and the session beside it")
             self._set_status(f"Saved {out} (and {out.stem}.sam2.json: objects, prompts and settings).")
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - whatever failed, the user is told and keeps working
             _notify_error(f"napari-sam2: could not save {path}: {err}")
 
     def _resume_dialog(self) -> None:
