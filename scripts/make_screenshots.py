@@ -73,6 +73,17 @@ def main() -> None:
     viewer.dims.current_step = (10, 0, 0)
     pump(app, 1.0)
     viewer.screenshot(str(out / "03-propagated.png"), canvas_only=False)
+
+    # the object panel: a third nucleus, one object hidden, one selected
+    widget.new_object()
+    widget.points_layer.add(np.array([[10, 150, 60]], float))
+    wait_idle(app, widget)
+    widget.propagate("both")  # only the new object runs: the others did not change
+    wait_idle(app, widget)
+    widget.set_hidden(2, True)
+    widget.select_objects([3])
+    pump(app, 1.0)
+    viewer.screenshot(str(out / "04-objects.png"), canvas_only=False)
     print("screenshots written to", out)
     wait_idle(app, widget)  # let the background prefetch finish before the viewer goes
     pump(app, 0.5)

@@ -201,3 +201,19 @@ def test_save_then_resume_in_a_new_viewer(make_napari_viewer, qtbot, model, erro
     assert sorted(fresh.points_layer.features["object"]) == [1, 2]
     assert fresh.new_object() == 3
     assert errors == []
+
+
+def test_removing_the_clicks_layer_ends_the_session_and_keeps_labels(make_napari_viewer, qtbot, model, errors):
+    viewer = make_napari_viewer()
+    _layer, widget = start(viewer, qtbot, model, volume())
+    click(viewer, widget, 3, 21, 20)
+    wait(qtbot, widget)
+    labels = widget.labels_layer.data.copy()
+    viewer.layers.remove(widget.points_layer)
+    wait(qtbot, widget)
+    assert not widget.session_started
+    assert "session ended" in widget.status
+    widget.shapes_layer.add_rectangles(np.array([[3, 5, 5], [3, 5, 15], [3, 15, 15], [3, 15, 5]], float))
+    widget.new_object()
+    np.testing.assert_array_equal(widget.labels_layer.data, labels)  # nothing erased, no traceback
+    assert errors == []

@@ -60,6 +60,7 @@ class AnnotatedObject:
     hidden: bool = False
     version: int = 0  # changes with every prompt change
     propagated: Optional[int] = None  # the version its last propagation started from
+    deleting: bool = False  # a deletion is queued
 
 
 @dataclass
@@ -147,6 +148,7 @@ class Annotator:
         self.queue.after_each = self._report_nonfinite
         self._undo: List[dict] = []
         self._propagation: Optional[Job] = None
+        self._running: Optional[dict] = None  # the undo entry of the running propagation
         self.status = ""
         self.on_labels: Callable[[bool], None] = _noop
         self.on_status: Callable[[str], None] = _noop
@@ -290,6 +292,10 @@ class Annotator:
         ``tag`` comes back through ``on_restore`` if the deletion is undone."""
         obj = self._object(obj_id)
         seg = self.segmenter
+        if self.is_propagating or getattr(obj, "deleting", False):
+            self._say(f"Object {obj_id} cannot be deleted while a propagation runs (or is already being deleted).")
+            return
+        obj.deleting = True
 
         def work():
             with seg.lock:
@@ -300,6 +306,9 @@ class Annotator:
             return snaps
 
         def done(snaps):
+            obj.deleting = False
+            if self.objects.get(obj.obj_id) is not obj:
+                return
             where = np.nonzero(np.asarray(self.labels) == obj.obj_id)
             self.labels[where] = 0
             self.objects.pop(obj.obj_id, None)
@@ -308,7 +317,11 @@ class Annotator:
             self.on_objects()
             self._say(f"Object {obj.obj_id} deleted with its labels and prompts (Ctrl+Z brings it back).")
 
-        self.queue.submit(("delete", obj.obj_id), Job(work, on_result=done, on_error=self._failed("deleting an object")))
+        def failed(err):
+            obj.deleting = False
+            self._failed("deleting an object")(err)
+
+        self.queue.submit(("delete", obj.obj_id), Job(work, on_result=done, on_error=failed))
 
     # ------------------------------------------------------------------ prompts
 
@@ -378,7 +391,7 @@ class Annotator:
         """The object's pixels on the slice at ``position`` in ``labels`` (e.g. painted
         with napari's brush) become its mask prompt there. Returns False when there are none."""
         obj_id = self.active if obj_id is None else int(obj_id)
-        if obj_id in self.user_labels:
+        if obj_id in self.user_labels or obj_id <= 0:
             return False
         key = self.slice_key(position)
         mask = data_to_view(np.asarray(self.labels[self.slice_index(key)]) == obj_id, self.displayed)
@@ -397,6 +410,17 @@ class Annotator:
             self.ensure_fits(obj_id)
             obj = self.objects[obj_id] = AnnotatedObject(obj_id)
         previous = obj.prompts.get(key)
+        tags = [tag] if tag is not None else []
+        waiting = self.queue.pending(("prompt" if kind == "prompt" else kind, obj_id, key))
+        if waiting is not None:  # replaces a queued change the engine never saw: undo goes back past both
+            previous, created, tags = waiting.meta["previous"], waiting.meta["created"], waiting.meta["tags"] + tags
+        if prompts.empty and self.is_propagating and set(obj.prompts) <= {key}:
+            # removing an object while a propagation tracks it would break the run
+            self._say(f"Object {obj_id}'s last prompt cannot go while a propagation runs: cancel it (Esc) or wait.")
+            self.on_notify("info", f"napari-sam2: object {obj_id}'s last prompt cannot go while a propagation runs.")
+            for t in reversed(tags[-1:]):
+                self.on_restore(t)
+            return
         if prompts.empty:
             obj.prompts.pop(key, None)
         else:
@@ -418,17 +442,20 @@ class Annotator:
 
         def done(result):
             snap, exists, mask = result
+            if self._running is not None:  # a propagation runs: its undo must go back past this slice too
+                self._remember(self._running, index)
             entry = {"kind": kind, "obj": obj_id, "key": key, "snap": snap, "prompts": previous,
-                     "created": created, "tag": tag, "before": (index, np.array(self.labels[index], copy=True))}
-            if not exists:  # its last prompt went: the object goes, with all its labels
+                     "created": created, "tags": tags, "before": (index, np.array(self.labels[index], copy=True))}
+            if not exists:  # its last prompt in this block went: its labels here go too
                 block = seg.block_index(key)
                 part = self.labels[block]
                 entry["where"] = (block, np.nonzero(np.asarray(part) == obj_id))
                 part[entry["where"][1]] = 0
                 self.labels[block] = part
-                entry["removed"] = self.objects.pop(obj_id, None)
+                if not obj.prompts:  # no prompt anywhere (other time points included): the object goes
+                    entry["removed"] = self.objects.pop(obj_id, None)
                 self.on_labels(False)
-                self._say(f"Object {obj_id} had no prompt left, so it was removed with its labels.")
+                self._say(f"Object {obj_id} had no prompt left here, so its labels here were removed.")
             else:
                 self._write(index, {obj_id: np.zeros(self.labels[index].shape, bool) if mask is None
                                     else seg.to_data_order(mask)})
@@ -450,13 +477,15 @@ class Annotator:
                 self.objects.pop(obj_id, None)
             self._failed("segmenting the slice")(err)
 
-        self.queue.submit((kind, obj_id, key), Job(work, on_result=done, on_error=failed))
+        job = Job(work, on_result=done, on_error=failed)
+        job.meta.update(previous=previous, created=created, tags=tags)
+        self.queue.submit(("prompt" if kind == "prompt" else kind, obj_id, key), job)
 
     # ------------------------------------------------------------------ propagation
 
     def propagate(self, position: Sequence[int], direction: str = "both", *, objects: Optional[Sequence[int]] = None,
                   frame_range: Optional[Tuple[int, int]] = None, stop_after: Optional[int] = -1,
-                  on_slice: Optional[Callable[[], None]] = None, on_end: Optional[Callable[[], None]] = None) -> bool:
+                  on_slice: Optional[Callable[[], None]] = None, on_end: Optional[Callable[[bool], None]] = None) -> bool:
         """Propagate objects through the slices of the session at ``position``, each from its
         own prompted slices; masks are written as slices come.
 
@@ -464,8 +493,9 @@ class Annotator:
         propagation, or all when none did — a correction re-runs only its object);
         frame_range: (first, last) slices to stay within; stop_after: stop an object after
         that many slices where it is absent (None: never; default: the annotator's
-        ``stop_after``); on_slice() after each slice written, on_end() when it ends (a
-        progress bar). It starts once queued prompts are done. Returns whether it started.
+        ``stop_after``); on_slice() after each slice written, on_end(completed) when it ends
+        (False: cancelled or failed). It starts once queued prompts are done. Returns
+        whether it started.
         """
         seg = self.segmenter
         key = self.slice_key(position)
@@ -476,9 +506,15 @@ class Annotator:
                 raise InputError("a propagation is already running")
             if not self.objects:
                 raise InputError("give a prompt (a click, a box or a painted mask) before propagating")
+            block = seg.key(key)
+            here = [o for o in self.objects.values() if any(seg.key(k) == block for k in o.prompts)]
+            if not here:
+                raise InputError("no object has a prompt at this position (e.g. this time point): give one first")
             if objects is None:
-                ids = [o.obj_id for o in self.objects.values() if o.propagated != o.version] or list(self.objects)
+                ids = [o.obj_id for o in here if o.propagated != o.version] or [o.obj_id for o in here]
             else:
+                if not objects:
+                    raise InputError("no object is selected in the table: select some, or choose 'changed (or all)'")
                 missing = [int(o) for o in objects if int(o) not in self.objects]
                 if missing:
                     raise InputError(f"no object {missing[0]} to propagate; objects: {sorted(self.objects)}")
@@ -490,7 +526,7 @@ class Annotator:
         stop = self.stop_after if stop_after == -1 else stop_after
         stop = stop or None
         versions = {i: self.objects[i].version for i in ids}
-        entry = {"kind": "propagation", "key": key, "snaps": {}, "slices": {}, "objs": ids}
+        entry = {"kind": "propagation", "key": key, "snaps": {}, "slices": {}, "objs": ids, "record": None}
         record = {"position": list(key), "direction": direction, "objects": ids,
                   "frame_range": None if frame_range is None else [int(v) for v in frame_range], "stop_after": stop}
         state = {"error": None}
@@ -513,7 +549,7 @@ class Annotator:
 
         def finish():
             job = self._propagation
-            self._propagation = None
+            self._propagation = self._running = None
             if state["error"] is not None:
                 self._say(f"Propagation stopped by an error: {state['error']} Slices done before it are kept.")
             elif job is not None and job.cancelled:
@@ -524,16 +560,20 @@ class Annotator:
                     if i in self.objects:
                         self.objects[i].propagated = v
                 self._say("Propagation finished.")
-            self.history.append(record)
-            if entry["slices"]:
-                self._push(entry)
+            completed = state["error"] is None and not (job is not None and job.cancelled)
+            if completed and entry["slices"]:
+                self.history.append(record)
+                entry["record"] = record
+            if not entry["slices"] and entry in self._undo:
+                self._undo.remove(entry)
             self._report_nonfinite()
             self.on_objects()
             if on_end is not None:
-                on_end()
+                on_end(completed)
 
         job = Job(gen, on_yield=on_item, on_error=on_error, on_done=finish)
-        self._propagation = job
+        self._propagation, self._running = job, entry
+        self._push(entry)  # now, so that prompts given during the run are undone before it
         self._say(f"Propagating {direction}: objects {', '.join(map(str, ids))}…")
         if self.queue.busy:  # prompts given before start first (a click's mask is part of the run)
             self.queue.submit(("propagate",), Job(lambda: None, on_result=lambda _: self._start_propagation(job)))
@@ -609,8 +649,8 @@ class Annotator:
             with seg.lock:
                 if entry["kind"] == "delete":
                     for k, snap in entry["snaps"].items():
-                        if snap is not None and k in seg.sessions:
-                            seg.sessions[k].restore(entry["obj"].obj_id, snap)
+                        if snap is not None:  # a session dropped meanwhile is opened again
+                            seg.session(self._position_of(k)).restore(entry["obj"].obj_id, snap)
                 elif entry["kind"] == "propagation":
                     for i, snap in entry["snaps"].items():
                         seg.restore(entry["key"], i, snap)
@@ -620,8 +660,9 @@ class Annotator:
         def done(_):
             self._undo_labels(entry)
             self.on_labels(False)
-            if entry.get("tag") is not None:
-                self.on_restore(entry["tag"])
+            tags = entry.get("tags") or ([entry["tag"]] if entry.get("tag") is not None else [])
+            for t in reversed(tags):
+                self.on_restore(t)
             self.on_objects()
             what = {"propagation": "the last propagation", "delete": "the deletion of an object"}.get(
                 entry["kind"], f"the last change to object {entry.get('obj')}")
@@ -629,6 +670,11 @@ class Annotator:
 
         self.queue.submit(("undo", len(self._undo)), Job(work, on_result=done, on_error=self._failed("undoing")))
         return entry["kind"]
+
+    def _position_of(self, session_key: tuple) -> tuple:
+        """A position inside the session whose fixed coordinates are ``session_key``."""
+        fixed = iter(session_key)
+        return tuple(0 if a == self.axis or a in self.displayed else next(fixed) for a in range(self.ndim))
 
     def _undo_labels(self, entry: dict) -> None:
         kind = entry["kind"]
@@ -638,8 +684,8 @@ class Annotator:
             for i in entry["objs"]:
                 if i in self.objects:
                     self.objects[i].propagated = None
-            if self.history:
-                self.history.pop()
+            if entry["record"] is not None and entry["record"] in self.history:
+                self.history.remove(entry["record"])
             return
         if kind == "delete":
             obj = entry["obj"]
@@ -704,7 +750,8 @@ class Annotator:
 
     # ------------------------------------------------------------------ save and resume
 
-    def session_record(self, *, labels_file: Optional[Union[str, Path]] = None, image_name: Optional[str] = None) -> dict:
+    def session_record(self, *, labels_file: Optional[Union[str, Path]] = None, labels_axes: Optional[str] = None,
+                       image_name: Optional[str] = None) -> dict:
         """The session as a JSON-able dict (see :func:`save_session`)."""
         from . import __version__
 
@@ -731,6 +778,7 @@ class Annotator:
             "image": {"name": image_name, "shape": list(self.labels.shape), "dtype": str(np.dtype(seg.image.dtype)),
                       "rgb": bool(seg.rgb)},
             "labels_file": None if labels_file is None else str(labels_file),
+            "labels_axes": labels_axes,
             "view": {"axis": seg.axis, "displayed": list(seg.displayed)},
             "model": dict(self.model_info),
             "settings": {
@@ -756,6 +804,14 @@ class Annotator:
         with ``propagate`` the session's propagations run again, in order."""
         if not isinstance(record, dict):
             record = load_session(record)
+        try:
+            self._resume(record, labels, propagate)
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, InputError):
+                raise
+            raise InputError(f"the session file is damaged or incomplete ({type(err).__name__}: {err})") from None
+
+    def _resume(self, record: dict, labels: Optional[np.ndarray], propagate: bool) -> None:
         shape = tuple(record["image"]["shape"])
         if shape != tuple(self.labels.shape):
             raise InputError(f"the session was saved for an image of shape {shape}; this one is {tuple(self.labels.shape)}")
@@ -791,35 +847,23 @@ class Annotator:
                 self.objects[obj_id].hidden = True
         self.active = self.next_label()
         self.on_objects()
+        # the resumed state is where undo starts (its prompts are not changes to take back)
+        self.queue.submit(("resumed",), Job(lambda: None, on_result=lambda _r: self._undo.clear()))
         if propagate:
             self._replay(list(record.get("propagations") or []))
 
     def _replay(self, runs: List[dict]) -> None:
         """Run recorded propagations one after another (each starts when the last ends)."""
-        if not runs:
+        while runs:
+            run = runs.pop(0)
+            ids = [i for i in run.get("objects", []) if i in self.objects]
+            if not ids:
+                continue
+            fr = run.get("frame_range")
+            self.propagate(run["position"], run.get("direction", "both"), objects=ids,
+                           frame_range=None if fr is None else tuple(fr), stop_after=run.get("stop_after"),
+                           on_end=lambda completed: completed and self._replay(runs))
             return
-        run = runs.pop(0)
-        ids = [i for i in run.get("objects", []) if i in self.objects]
-        if not ids:
-            self._replay(runs)
-            return
-        fr = run.get("frame_range")
-        if not self.propagate(run["position"], run.get("direction", "both"), objects=ids,
-                              frame_range=None if fr is None else tuple(fr), stop_after=run.get("stop_after")):
-            return
-        job = self._propagation
-        if job is None:  # already done (synchronous executor)
-            self._replay(runs)
-            return
-        inner = job.on_done
-
-        def then():
-            if inner is not None:
-                inner()
-            if not job.cancelled:
-                self._replay(runs)
-
-        job.on_done = then
 
 
 # ---------------------------------------------------------------------- the session file

@@ -448,6 +448,29 @@ def _umask() -> int:
     return old
 
 
+def read_labels(path: Union[str, Path], axes: Optional[str], shape: Sequence[int]) -> np.ndarray:
+    """A label TIFF written by :func:`write_labels` back in the layer's axis order ``axes``
+    (write_labels stores axes in T, Z, C, Y, X order and readers drop axes of size 1).
+    Raises InputError when it does not fit ``shape``."""
+    from .model.preprocess import InputError
+
+    try:
+        f = read_image_file(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one plain message
+        raise InputError(f"could not read the labels file {path}: {err}") from None
+    data, have = np.asarray(f.data), f.axes
+    shape = tuple(int(v) for v in shape)
+    if axes and len(axes) == len(shape) and set(have) <= set(axes):
+        for a in axes:  # axes of size 1 the reader dropped
+            if a not in have:
+                data, have = data[np.newaxis], a + have
+        data = np.transpose(data, [have.index(a) for a in axes])
+    if data.shape != shape:
+        raise InputError(f"the labels file {path} holds an array of shape {data.shape} ({f.axes}); the session's "
+                         f"image has shape {shape}")
+    return data
+
+
 def guess_axes(ndim: int, info: Optional[dict] = None, axis_labels: Sequence[str] = ()) -> str:
     """The axis letters (TZCYX) of an ``ndim``-D image for saving: from the reader's
     metadata (``info["axes"]``), else the viewer's axis labels when they are such letters,

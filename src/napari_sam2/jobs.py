@@ -26,6 +26,7 @@ class Job:
     on_error: Optional[Callable[[BaseException], None]] = None
     on_done: Optional[Callable[[], None]] = None
     cancelled: bool = False
+    meta: Dict[str, Any] = field(default_factory=dict)  # the submitter's notes (e.g. for undo)
     _quit: Optional[Callable[[], None]] = field(default=None, repr=False)
 
     def cancel(self) -> None:
@@ -101,6 +102,10 @@ class JobQueue:
     def keys(self) -> list:
         """Keys of the running and queued jobs."""
         return [k for k in [self.running_key, *self._pending] if k is not None]
+
+    def pending(self, key: tuple) -> Optional[Job]:
+        """The queued (not yet running) job with ``key``, if any."""
+        return self._pending.get(key)
 
     def submit(self, key: tuple, job: Job) -> None:
         if self.running_key is not None:

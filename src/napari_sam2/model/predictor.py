@@ -127,6 +127,34 @@ class ImagePredictor:
         return torch.from_numpy(np.ascontiguousarray(coords)).to(dev), torch.from_numpy(np.ascontiguousarray(labs)).to(dev)
 
     @torch.inference_mode()
+    def predict_batch(
+        self, points_xy: torch.Tensor, labels: torch.Tensor, *, multimask_output: bool = True
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Many prompts at once on the cached image, as tensors (no checks, no copies to
+        numpy): ``points_xy`` B x P x 2 pixels of the image, ``labels`` B x P. Returns the
+        decoder's low-resolution logits (B M h w, see :meth:`to_image_size`) and predicted
+        IoUs (B M); M = 3 with ``multimask_output``, else 1."""
+        self._require_image()
+        h, w = self._orig_hw
+        size = self.model.image_size
+        scale = torch.tensor([size / w, size / h], dtype=torch.float32, device=points_xy.device)
+        coords = (points_xy.float() * scale).to(self.model.device)
+        feats = self._features
+        with self._amp:
+            sparse, dense = self.model.sam_prompt_encoder((coords, labels.to(self.model.device).int()), None,
+                                                          batch_size=coords.shape[0])
+            dec = self.model.sam_mask_decoder(
+                image_embeddings=feats.image_embed, image_pe=self.model.sam_prompt_encoder.dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
+                repeat_image=coords.shape[0] > 1, high_res_features=feats.high_res, cache=self._decoder_cache,
+            )
+        return dec.masks.float(), dec.iou.float()
+
+    def to_image_size(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits (N C h w) -> logits at the cached image's size (bilinear)."""
+        return F.interpolate(low_res, size=self._orig_hw, mode="bilinear", align_corners=False)
+
+    @torch.inference_mode()
     def predict(
         self,
         points=None,

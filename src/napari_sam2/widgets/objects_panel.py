@@ -96,11 +96,12 @@ class ObjectsPanel(Container):
             self._quiet = False
 
 
-def hiding_colormap(base, hidden: Sequence[int], top: int):
-    """``base`` (a labels colormap) with the ``hidden`` labels transparent, for labels 1..top."""
+def hiding_colormap(base, hidden: Sequence[int], labels: Sequence[int]):
+    """``base`` (a labels colormap) for ``labels``, with the ``hidden`` ones transparent."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    colors = {i: base.map(np.array([i]))[0] for i in range(1, top + 1)}
+    ids = sorted(set(labels))
+    colors = dict(zip(ids, base.map(np.array(ids)))) if ids else {}
     colors.update({i: np.zeros(4) for i in hidden})
     colors[None] = np.zeros(4)
     return DirectLabelColormap(color_dict=colors)

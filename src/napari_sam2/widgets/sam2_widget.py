@@ -115,6 +115,7 @@ class SAM2Widget(Container):
         self._image_layer = self._points = self._shapes = self._labels = None
         self._positive = True
         self._loading = False
+        self._fresh_labels = False  # the next session writes into a new labels layer (resume)
         self._writing = False  # the widget itself changes a layer: not a prompt
         self._layer_states: dict = {"points": None, "shapes": None}
         self._colormap = None  # the labels layer's own colormap, while objects are hidden
@@ -227,6 +228,10 @@ class SAM2Widget(Container):
         for attr in ("_points", "_shapes", "_labels"):
             if getattr(self, attr) is layer:
                 setattr(self, attr, None)
+                if self._controller is not None:  # its prompts or labels cannot be followed any more
+                    self._end_session()
+                    self._set_status(f"The layer '{layer.name}' was removed, so the session ended (labels so far are "
+                                     "kept). Start session again to go on.")
 
     def _set_status(self, text: str) -> None:
         text = str(text)
@@ -484,10 +489,12 @@ class SAM2Widget(Container):
             self._labels = chosen
             if not (chosen.metadata or {}).get("napari_sam2"):
                 chosen.metadata = {**(chosen.metadata or {}), **meta}
-        elif self._labels is None or self._labels not in v.layers or self._labels.data.shape != tuple(shape):
+        elif (self._labels is None or self._labels not in v.layers or self._labels.data.shape != tuple(shape)
+              or self._fresh_labels):
             self._labels = v.add_labels(np.zeros(shape, np.uint16), name=f"{image.name} SAM2 labels", metadata=meta, **where)
             self._labels.events.paint.connect(self._on_paint)
             self._labels.events.selected_label.connect(self._on_selected_label)
+        self._fresh_labels = False
         # (a new session in an earlier session's layer: its objects are now the user's labels)
         if self._shapes is None or self._shapes not in v.layers:
             self._shapes = v.add_shapes(ndim=nd, name=f"{image.name} SAM2 boxes", edge_color="yellow",
@@ -585,7 +592,8 @@ class SAM2Widget(Container):
         if layer is None or not (hidden or self._colormap):
             return
         self._colormap = self._colormap or layer.colormap
-        layer.colormap = hiding_colormap(self._colormap, hidden, self._controller.next_label()) if hidden else self._colormap
+        shown = set(self._controller.objects) | set(self._controller.user_labels)
+        layer.colormap = hiding_colormap(self._colormap, hidden, shown) if hidden else self._colormap
         if not hidden:
             self._colormap = None
 
@@ -731,7 +739,7 @@ class SAM2Widget(Container):
         n = len(ann.segmenter.view(self.position)) if ann.axis is not None else 0
         bar = progress(total=n if direction != "both" else 2 * n, desc=f"SAM 2: propagating {direction}")
 
-        def finish():
+        def finish(_completed=True):
             bar.close()
             self._cancel_btn.enabled = False
 
@@ -763,7 +771,8 @@ class SAM2Widget(Container):
             kwargs["axes"] = typed
         out = write_labels(path, self._labels.data, overwrite=overwrite, **kwargs)
         if session and self._controller is not None:
-            self._controller.save(session_path(out), labels_file=out.name, image_name=self._image_layer.name)
+            self._controller.save(session_path(out), labels_file=out.name, labels_axes=kwargs.get("axes"),
+                                  image_name=self._image_layer.name)
         return out
 
     def resume(self, path, *, propagate: bool = False) -> None:
@@ -771,13 +780,14 @@ class SAM2Widget(Container):
         settings it was made with, its objects and prompts, and its labels (from the TIFF
         beside it; without that file, or with ``propagate``, its propagations run again)."""
         from ..controller import load_session
-        from ..io import read_image
+        from ..io import read_labels
 
         record = load_session(path)
         info, settings = record.get("model") or {}, record.get("settings") or {}
         if info.get("checkpoint") and Path(info["checkpoint"]).exists() and info.get("choice") == CHOOSE_FILE:
             self.configure(checkpoint=info["checkpoint"])
-        elif self._model is not None and self._model.config.name == info.get("name"):
+        elif (self._model is not None and self._model.config.name == info.get("name")
+              and (info.get("checkpoint") or None) == (self._model_key or (None, None))[1]):
             self.configure(model=info["name"] if info["name"] in MODELS else None, loaded_model=self._model)
         elif info.get("name") in MODELS:
             self.configure(model=info["name"])
@@ -785,13 +795,20 @@ class SAM2Widget(Container):
                        axis=(record.get("view") or {}).get("axis"))
         labels_file = record.get("labels_file")
         labels_path = Path(path).parent / labels_file if labels_file else None
-        saved = read_image(labels_path) if labels_path is not None and labels_path.exists() else None
+        saved = None
+        if labels_path is not None and labels_path.exists():
+            saved = read_labels(labels_path, record.get("labels_axes"), (record.get("image") or {}).get("shape") or ())
+        limits = settings.get("intensity_range")
+        layer = self._image_combo.value
+        if limits and layer is not None and not layer.rgb:  # the model sees what it saw then
+            layer.contrast_limits = limits
+        self._fresh_labels = True  # never the layer of an earlier session
 
         def then():
             ann = self._controller
             try:
                 ann.resume(record, labels=saved, propagate=propagate or saved is None)
-            except InputError as err:
+            except (InputError, OSError) as err:
                 _notify_error(f"napari-sam2: {err}")
                 self._set_status(str(err))
                 return
@@ -807,8 +824,6 @@ class SAM2Widget(Container):
             self._layer_states = {kind: self._layer_state(kind) for kind in ("points", "shapes")}
             self._on_restore(("colours",))
             self._labels.selected_label = ann.active
-            if record.get("settings", {}).get("intensity_range") and self._image_layer is not None:
-                self._image_layer.contrast_limits = settings["intensity_range"]
             self._set_status(f"Resumed {Path(path).name}: {len(ann.objects)} objects.")
 
         self.start(then=then)
@@ -843,7 +858,7 @@ class SAM2Widget(Container):
         if path:
             try:
                 self.resume(path)
-            except InputError as err:
+            except (InputError, OSError) as err:
                 _notify_error(f"napari-sam2: {err}")
                 self._set_status(str(err))
 
