@@ -80,12 +80,10 @@ class Normalize(torch.nn.Module):
 
 def install() -> None:
     """Provide ``torchvision`` (ops.boxes, transforms) from this module unless the real one imports."""
-    try:
-        import torchvision  # noqa: F401
+    import importlib.util
 
+    if importlib.util.find_spec("torchvision") is not None:
         return
-    except Exception:  # noqa: BLE001 - absent or broken: use the stand-in
-        pass
     root = types.ModuleType("torchvision")
     ops = types.ModuleType("torchvision.ops")
     boxes = types.ModuleType("torchvision.ops.boxes")

@@ -13,7 +13,13 @@ import torch
 from _reference import build_reference, ours_from_reference, require_reference
 from _torchvision_standin import batched_nms, install
 
-from napari_sam2.model.automatic import AutomaticMaskGenerator, mask_boxes, nms, point_grid, stability_score
+from napari_sam2.model.automatic import (
+    AutomaticMaskGenerator,
+    mask_boxes,
+    nms,
+    point_grid,
+    stability_score,
+)
 from napari_sam2.model.preprocess import InputError
 
 
@@ -76,7 +82,7 @@ def test_automatic_masks_match_metas_generator():
             mlp.layers[-1].bias.mul_(20.0)
     ours = ours_from_reference("sam2.1_hiera_tiny", ref, image_size=size)
     img = _image()
-    kw = dict(points_per_side=16, pred_iou_thresh=0.5, stability_score_thresh=0.45, box_nms_thresh=1.0)
+    kw = {"points_per_side": 16, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.45, "box_nms_thresh": 1.0}
     gen = SAM2AutomaticMaskGenerator(ref, **kw)
     gen.predictor._bb_feat_sizes = [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2]  # it assumes 1024 px
     theirs = gen.generate(img)

@@ -13,7 +13,7 @@ from magicgui.widgets import ComboBox, Container, LineEdit, PushButton, Table
 
 from ..controller import parse_slice_range
 
-COLUMNS = ["object", "prompted slices", "slices filled", "shown"]
+COLUMNS = ["object", "prompted", "filled", "shown"]
 
 
 class ObjectsPanel(Container):
@@ -29,10 +29,17 @@ class ObjectsPanel(Container):
                                tooltip="Which objects a propagation runs: those whose prompts changed since their "
                                "last propagation (all when none did), or the objects selected in the table.")
         self._range = LineEdit(label="Slices", value="", tooltip="Propagate within first-last (e.g. 10-40); empty: all.")
-        self._table = Table(value={"data": [], "columns": COLUMNS}, label="Objects")
+        self._table = Table(label="Table")
         delete, hide = PushButton(text="Delete selected"), PushButton(text="Hide / show selected")
         self.extend([self._which, self._range, self._table, delete, hide])
         native = self._table.native
+        native.setColumnCount(len(COLUMNS))
+        native.setHorizontalHeaderLabels(COLUMNS)
+        native.verticalHeader().setVisible(False)
+        native.setMinimumHeight(160)
+        native.horizontalHeader().setStretchLastSection(True)
+        native.setToolTip("object: label (in its colour); prompted: slices with prompts; filled: 2D slices its "
+                          "label fills; shown: drawn or hidden")
         native.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         native.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self._ids: List[int] = []  # the object of each row
@@ -80,17 +87,22 @@ class ObjectsPanel(Container):
     def show_rows(self, rows, colormap=None) -> None:
         """Show the controller's rows; ``colormap`` (the labels layer's) colours the id cells."""
         from qtpy.QtGui import QColor
+        from qtpy.QtWidgets import QTableWidgetItem
 
         keep = self.selected
         self._quiet = True
         try:
             self._ids = [r.obj_id for r in rows]
-            self._table.value = {"data": [[r.obj_id, ", ".join(map(str, r.prompted_slices)), r.filled_slices,
-                                           "no" if r.hidden else "yes"] for r in rows], "columns": COLUMNS}
+            table = self._table.native
+            table.setRowCount(len(rows))
             for i, r in enumerate(rows):
+                cells = [r.obj_id, ", ".join(map(str, r.prompted_slices)), r.filled_slices, "no" if r.hidden else "yes"]
+                for j, v in enumerate(cells):
+                    table.setItem(i, j, QTableWidgetItem(str(v)))
                 if colormap is not None:
                     rgb = np.asarray(colormap.map(np.array([r.obj_id])))[0][:3]
                     self._table.native.item(i, 0).setBackground(QColor.fromRgbF(*map(float, rgb), 1.0))
+            table.resizeColumnsToContents()
             self.select(keep)
         finally:
             self._quiet = False
