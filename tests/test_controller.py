@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+from _stacks import paint_by_hand, present_tiny_model, two_blob_volume
 
 from napari_sam2.controller import (
     Annotator,
@@ -23,7 +23,6 @@ from napari_sam2.controller import (
     session_path,
 )
 from napari_sam2.jobs import SyncExecutor
-from napari_sam2.model import build_model, get_config
 from napari_sam2.model.ensemble import open_session
 from napari_sam2.model.frames import FrameSource
 from napari_sam2.model.preprocess import InputError
@@ -31,31 +30,11 @@ from napari_sam2.model.preprocess import InputError
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = build_model(get_config("sam2.1_hiera_tiny").with_image_size(128))
-    with torch.no_grad():
-        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
-    return m
+    return present_tiny_model()
 
 
-def volume(n=8, h=48, w=56, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    v = rng.normal(1000, 60, (n, h, w))
-    for t in range(n):
-        v[t][(yy - 18 - t) ** 2 + (xx - 20) ** 2 < 80] += 1500
-        v[t][(yy - 30) ** 2 + (xx - 40 + t) ** 2 < 60] += 1200
-    return v.astype(np.uint16)
+volume = two_blob_volume
 
-
-def paint_by_hand(labels, index, masks):
-    """What a labels slice should hold after masks: each object's pixels replaced by its
-    mask, other objects' pixels kept (written here, independent of the package)."""
-    sl = labels[index]
-    for obj, m in masks.items():
-        sl[sl == obj] = 0
-        sl[np.asarray(m, bool) & (sl == 0)] = obj
-    labels[index] = sl
 
 
 LIMITS = (900.0, 2700.0)

@@ -13,9 +13,8 @@ import time
 import numpy as np
 import pytest
 import tifffile
-import torch
+from _stacks import present_tiny_model, two_blob_volume
 
-from napari_sam2.model import build_model, get_config
 from napari_sam2.model.ensemble import open_session
 from napari_sam2.model.frames import FrameSource
 from napari_sam2.widgets import sam2_widget as sw
@@ -26,11 +25,7 @@ TIMEOUT = 60_000
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = build_model(get_config("sam2.1_hiera_tiny").with_image_size(SIZE))
-    with torch.no_grad():
-        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
-    return m
+    return present_tiny_model(SIZE)
 
 
 @pytest.fixture(autouse=True)
@@ -51,14 +46,7 @@ def notices(monkeypatch):
     return seen
 
 
-def volume(n=8, h=48, w=56, seed=0, dtype=np.uint16):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    v = rng.normal(1000, 60, (n, h, w))
-    for t in range(n):
-        v[t][(yy - 18 - t) ** 2 + (xx - 20) ** 2 < 80] += 1500
-        v[t][(yy - 30) ** 2 + (xx - 40 + t) ** 2 < 60] += 1200
-    return v.astype(dtype)
+volume = two_blob_volume
 
 
 def start(make_napari_viewer, qtbot, model, data, *, before_start=None, **layer_kwargs):
