@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--size", type=int, default=1024, help="model input (Meta's predictor supports 1024 only)")
     ap.add_argument("--points", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
@@ -51,9 +51,10 @@ def main() -> None:
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] += rng.uniform(80, 180, 3)
     img = np.clip(img, 0, 255).astype(np.uint8)
     kw = {"points_per_side": args.points, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.45}
+    if args.size != 1024:
+        raise SystemExit("Meta's image predictor assumes a 1024 px input: use --size 1024")
     theirs = SAM2AutomaticMaskGenerator(ref, **kw)
     s = args.size
-    theirs.predictor._bb_feat_sizes = [(s // 4,) * 2, (s // 8,) * 2, (s // 16,) * 2]
     mine = AutomaticMaskGenerator(ours, **kw)
     print(f"2.1-tiny at {s} px, {args.points}x{args.points} points, image {h}x{w}, threads {torch.get_num_threads()}")
     times = {"Meta": [], "ours": []}
@@ -63,8 +64,8 @@ def main() -> None:
             t0 = time.perf_counter()
             counts[name] = len(fn())
             times[name].append(time.perf_counter() - t0)
-    for name in times:
-        print(f"{name:5s}: {min(times[name]):7.2f} s per image, {counts[name]} masks")
+    for name, seconds in times.items():
+        print(f"{name:5s}: {min(seconds):7.2f} s per image, {counts[name]} masks")
     print(f"ratio Meta / ours: {min(times['Meta']) / min(times['ours']):.2f}x")
 
 

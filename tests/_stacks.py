@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -36,3 +37,22 @@ def paint_by_hand(labels, index, masks):
         sl[sl == obj] = 0
         sl[np.asarray(m, bool) & (sl == 0)] = obj
     labels[index] = sl
+
+
+@pytest.fixture(autouse=True)
+def drain_qt_workers(qtbot):
+    """Let background workers (e.g. slice prefetch) finish before the viewer is torn down.
+    Autouse in the widget test modules that import it."""
+    yield
+    from qtpy.QtCore import QThreadPool
+
+    QThreadPool.globalInstance().waitForDone(60_000)
+    qtbot.wait(10)
+
+
+def click(viewer, widget, z, y, x):
+    """Go to slice ``z`` of a Z-Y-X viewer and click at (y, x) in the widget's clicks layer."""
+    step = list(viewer.dims.current_step)
+    step[0] = z
+    viewer.dims.current_step = tuple(step)
+    widget.points_layer.add(np.array([[z, y, x]], float))

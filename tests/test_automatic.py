@@ -66,7 +66,7 @@ def _image(h=240, w=320, seed=0):
 
 
 def test_automatic_masks_match_metas_generator():
-    """2.1-tiny, identical random weights, 512 px input. Random weights give scattered
+    """2.1-tiny, identical random weights, 1024 px input (the size Meta's predictor assumes). Random weights give scattered
     masks whose boxes all span the image, so box NMS (tested above) is set not to merge
     them; the predicted-IoU and stability thresholds sit inside their distributions, so
     that both filters remove masks and hundreds remain."""
@@ -74,7 +74,7 @@ def test_automatic_masks_match_metas_generator():
     install()
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
-    size = 512
+    size = 1024
     ref = build_reference("sam2.1_hiera_tiny", seed=0, image_size=size)
     with torch.no_grad():  # sharper logits: stability scores spread over (0, 1)
         for mlp in ref.sam_mask_decoder.output_hypernetworks_mlps:
@@ -82,13 +82,11 @@ def test_automatic_masks_match_metas_generator():
             mlp.layers[-1].bias.mul_(20.0)
     ours = ours_from_reference("sam2.1_hiera_tiny", ref, image_size=size)
     img = _image()
-    kw = {"points_per_side": 16, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.45, "box_nms_thresh": 1.0}
-    gen = SAM2AutomaticMaskGenerator(ref, **kw)
-    gen.predictor._bb_feat_sizes = [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2]  # it assumes 1024 px
-    theirs = gen.generate(img)
+    kw = {"points_per_side": 8, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.45, "box_nms_thresh": 1.0}
+    theirs = SAM2AutomaticMaskGenerator(ref, **kw).generate(img)
     mine = AutomaticMaskGenerator(ours, **kw).generate(img)
     assert len(theirs) >= 20
-    assert 16 * 16 * 3 > len(theirs)  # the filters removed some
+    assert 8 * 8 * 3 > len(theirs)  # the filters removed some
     assert len(mine) == len(theirs)
 
     def key_ref(a):

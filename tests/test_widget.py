@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from _stacks import paint_by_hand, present_tiny_model, two_blob_volume
+from _stacks import (  # noqa: F401 (drain_qt_workers: an autouse fixture)
+    click,
+    drain_qt_workers,
+    paint_by_hand,
+    present_tiny_model,
+    two_blob_volume,
+)
 
 from napari_sam2.model.ensemble import open_session
 from napari_sam2.model.frames import FrameSource
@@ -23,16 +29,6 @@ TIMEOUT = 60_000
 @pytest.fixture(scope="module")
 def model():
     return present_tiny_model(SIZE)
-
-
-@pytest.fixture(autouse=True)
-def _drain_workers(qtbot):
-    """Let background workers (e.g. slice prefetch) finish before the viewer is torn down."""
-    yield
-    from qtpy.QtCore import QThreadPool
-
-    QThreadPool.globalInstance().waitForDone(60_000)
-    qtbot.wait(10)
 
 
 @pytest.fixture()
@@ -74,12 +70,6 @@ def engine(model, layer, orientations=1, **kw):
     frames = FrameSource(np.asarray(layer.data), tuple(layer.contrast_limits))
     return open_session(model, frames, orientations=orientations, corrections_as_conditioning=True, **kw)
 
-
-def click(viewer, widget, z, y, x):
-    step = list(viewer.dims.current_step)
-    step[0] = z
-    viewer.dims.current_step = tuple(step)
-    widget.points_layer.add(np.array([[z, y, x]], float))
 
 
 def test_click_paints_the_engines_mask(make_napari_viewer, qtbot, model, errors):

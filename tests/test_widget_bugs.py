@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import tifffile
-from _stacks import present_tiny_model, two_blob_volume
+from _stacks import drain_qt_workers, present_tiny_model, two_blob_volume  # noqa: F401 (drain_qt_workers: an autouse fixture)
 
 from napari_sam2.model.ensemble import open_session
 from napari_sam2.model.frames import FrameSource
@@ -26,15 +26,6 @@ TIMEOUT = 60_000
 @pytest.fixture(scope="module")
 def model():
     return present_tiny_model(SIZE)
-
-
-@pytest.fixture(autouse=True)
-def _drain_workers(qtbot):
-    yield
-    from qtpy.QtCore import QThreadPool
-
-    QThreadPool.globalInstance().waitForDone(60_000)
-    qtbot.wait(10)
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from _stacks import present_tiny_model, two_blob_volume
+from _stacks import click, drain_qt_workers, present_tiny_model, two_blob_volume  # noqa: F401 (drain_qt_workers: an autouse fixture)
 
 from napari_sam2.model.ensemble import open_session
 from napari_sam2.model.frames import FrameSource
@@ -23,15 +23,6 @@ TIMEOUT = 60_000
 @pytest.fixture(scope="module")
 def model():
     return present_tiny_model()
-
-
-@pytest.fixture(autouse=True)
-def _drain_workers(qtbot):
-    yield
-    from qtpy.QtCore import QThreadPool
-
-    QThreadPool.globalInstance().waitForDone(60_000)
-    qtbot.wait(10)
 
 
 @pytest.fixture()
@@ -59,12 +50,6 @@ def start(viewer, qtbot, model, data):
 def wait(qtbot, widget):
     qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT)
 
-
-def click(viewer, widget, z, y, x):
-    step = list(viewer.dims.current_step)
-    step[0] = z
-    viewer.dims.current_step = tuple(step)
-    widget.points_layer.add(np.array([[z, y, x]], float))
 
 
 def two_objects(viewer, qtbot, widget):

@@ -266,12 +266,10 @@ class Annotator:
         counts = dict.fromkeys(ids, 0)
         top = max(ids)
         for sl in flat:
-            present = np.bincount(sl[sl <= top].astype(np.int64), minlength=top + 1) if sl.max() else None
-            if present is None:
-                continue
-            for i in ids:
-                if present[i]:
-                    counts[i] += 1
+            if sl.any():
+                present = np.bincount(sl[sl <= top].astype(np.int64), minlength=top + 1)
+                for i in ids:
+                    counts[i] += bool(present[i])
         return counts
 
     def set_hidden(self, obj_id: int, hidden: bool) -> None:
@@ -292,7 +290,7 @@ class Annotator:
         ``tag`` comes back through ``on_restore`` if the deletion is undone."""
         obj = self._object(obj_id)
         seg = self.segmenter
-        if self.is_propagating or getattr(obj, "deleting", False):
+        if self.is_propagating or obj.deleting:
             self._say(f"Object {obj_id} cannot be deleted while a propagation runs (or is already being deleted).")
             return
         obj.deleting = True
@@ -312,7 +310,7 @@ class Annotator:
             where = np.nonzero(np.asarray(self.labels) == obj.obj_id)
             self.labels[where] = 0
             self.objects.pop(obj.obj_id, None)
-            self._push({"kind": "delete", "obj": obj, "snaps": snaps, "where": where, "tag": tag})
+            self._push({"kind": "delete", "obj": obj, "snaps": snaps, "where": where, "tags": [] if tag is None else [tag]})
             self.on_labels(False)
             self.on_objects()
             self._say(f"Object {obj.obj_id} deleted with its labels and prompts (Ctrl+Z brings it back).")
@@ -411,15 +409,15 @@ class Annotator:
             obj = self.objects[obj_id] = AnnotatedObject(obj_id)
         previous = obj.prompts.get(key)
         tags = [tag] if tag is not None else []
-        waiting = self.queue.pending(("prompt" if kind == "prompt" else kind, obj_id, key))
+        waiting = self.queue.pending((kind, obj_id, key))
         if waiting is not None:  # replaces a queued change the engine never saw: undo goes back past both
             previous, created, tags = waiting.meta["previous"], waiting.meta["created"], waiting.meta["tags"] + tags
         if prompts.empty and self.is_propagating and set(obj.prompts) <= {key}:
             # removing an object while a propagation tracks it would break the run
             self._say(f"Object {obj_id}'s last prompt cannot go while a propagation runs: cancel it (Esc) or wait.")
             self.on_notify("info", f"napari-sam2: object {obj_id}'s last prompt cannot go while a propagation runs.")
-            for t in reversed(tags[-1:]):
-                self.on_restore(t)
+            if tags:
+                self.on_restore(tags[-1])
             return
         if prompts.empty:
             obj.prompts.pop(key, None)
@@ -479,7 +477,7 @@ class Annotator:
 
         job = Job(work, on_result=done, on_error=failed)
         job.meta.update(previous=previous, created=created, tags=tags)
-        self.queue.submit(("prompt" if kind == "prompt" else kind, obj_id, key), job)
+        self.queue.submit((kind, obj_id, key), job)
 
     # ------------------------------------------------------------------ propagation
 
@@ -660,8 +658,7 @@ class Annotator:
         def done(_):
             self._undo_labels(entry)
             self.on_labels(False)
-            tags = entry.get("tags") or ([entry["tag"]] if entry.get("tag") is not None else [])
-            for t in reversed(tags):
+            for t in reversed(entry.get("tags", [])):
                 self.on_restore(t)
             self.on_objects()
             what = {"propagation": "the last propagation", "delete": "the deletion of an object"}.get(

@@ -531,10 +531,9 @@ class StackSession(SessionCommon):
         limit = frame + w if reverse else frame - w
         for t, out in obj.non_cond.items():
             behind = t > limit if reverse else t < limit
-            if behind and out.maskmem_features is not None:
-                if not any(abs(t - c) <= w for c in obj.cond):
-                    out.maskmem_features = None
-                    out.pred_masks = None
+            if behind and out.maskmem_features is not None and not any(abs(t - c) <= w for c in obj.cond):
+                out.maskmem_features = None
+                out.pred_masks = None
 
     def plan(
         self,

@@ -696,7 +696,11 @@ class SAM2Widget(Container):
             self._quietly(lambda: self._restore_layer(tag[1], tag[2]))
         elif tag[0] == "layers":
             self._quietly(lambda: [self._restore_layer(k, s) for k, s in tag[1].items()])
-        if self._points is not None and len(self._points.data):  # each click in its own polarity's colour
+        self._recolor_points()
+
+    def _recolor_points(self) -> None:
+        """Each click in its own polarity's colour (after the layer was put back or refilled)."""
+        if self._points is not None and len(self._points.data):
             pos = np.asarray(self._points.features["positive"], bool)
             want = np.where(pos[:, None], _rgba(POSITIVE_COLOR), _rgba(NEGATIVE_COLOR))
             self._quietly(lambda: setattr(self._points, "face_color", want))
@@ -822,7 +826,7 @@ class SAM2Widget(Container):
                 self._quietly(lambda: (self._shapes.add_rectangles([np.array(b[0], float) for b in boxes]),
                                        setattr(self._shapes, "features", {"object": np.array([b[1] for b in boxes], int)})))
             self._layer_states = {kind: self._layer_state(kind) for kind in ("points", "shapes")}
-            self._on_restore(("colours",))
+            self._recolor_points()
             self._labels.selected_label = ann.active
             self._set_status(f"Resumed {Path(path).name}: {len(ann.objects)} objects.")
 
