@@ -89,6 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
+    a = sub.add_parser(
+        "auto", help="segment every object of a 2D image, a z-stack or a time-lapse automatically, write a label TIFF",
+        description="Automatic instance segmentation: a grid of point prompts on a key slice (the middle one by "
+        "default) proposes objects; each is tracked both ways through the stack as far as it exists, and every "
+        "--every slices proposals no tracked object covers become new objects. A 2D image gets its proposals only.",
+    )
+    a.add_argument("image", type=Path, help="a TIFF stack (N, H, W), or a 2D image (H, W)")
+    a.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write (uint16, or uint32 if needed)")
+    a.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
+    a.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: bundled, or download the official one)")
+    a.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
+    a.add_argument("--every", type=int, default=4, help="look for new objects every N slices (default 4)")
+    a.add_argument("--key-slice", type=int, help="the slice proposals start on (default: the middle)")
+    a.add_argument("--covered", type=float, default=0.5,
+                   help="a proposal this fraction of which is already labelled is a known object (default 0.5)")
+    a.add_argument("--stop-after", type=int, default=2, metavar="N",
+                   help="stop following an object after N slices where the model finds it absent (default 2; 0: never)")
+    a.add_argument("--points-per-side", type=int, default=32, help="grid of point prompts per slice (default 32)")
+    a.add_argument("--stability", type=float, default=0.6, help="stability score a proposal needs (default 0.6)")
+    a.add_argument("--pred-iou", type=float, default=0.0, help="predicted IoU a proposal needs (default 0: any)")
+    a.add_argument("--min-area", type=int, default=16, help="smallest object in pixels of a slice (default 16)")
+    a.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
+    a.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+
     t = sub.add_parser(
         "train",
         help="train or fine-tune a model on stacks with instance labels",
@@ -154,6 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _train(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "auto":
+            return _auto(args)
         if args.command == "fetch":
             from .model.checkpoint import fetch_checkpoint
 
@@ -345,6 +373,64 @@ def _segment(args) -> int:
         ) from err
     print(f"wrote {target} ({int(masks.sum())} pixels, predicted IoU {float(np.max(result.iou)):.2f})")
     return 0
+
+
+def _auto(args) -> int:
+    import numpy as np
+
+    from .io import tiff_path, write_labels
+    from .model import InputError, load_model
+    from .model.auto_stack import segment_slice, segment_stack
+    from .model.devices import pick_device
+
+    target = tiff_path(args.output)
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    _check_model(args.model)
+    _check_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    image = _read_image(args.image)
+    params = dict(points_per_side=args.points_per_side, stability_score_thresh=args.stability,
+                  pred_iou_thresh=args.pred_iou, min_area=args.min_area)
+    model = load_model(_model_name(args), args.checkpoint, device=device)
+    two_d = image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))
+    if two_d:
+        labels = segment_slice(model, image, args.range, fast=args.fast, **params)
+        depth = 1
+    else:
+        params.update(every=args.every, covered=args.covered, key_slice=args.key_slice,
+                      stop_after_absent=args.stop_after or None)
+        depth = image.shape[0]
+        labels = np.zeros(image.shape[:3], np.uint32)
+        bar = None if args.quiet else _progress_bar(f"segmenting {args.image.name}")
+        try:
+            segment_stack(model, image, args.range, fast=args.fast, out=labels,
+                          progress=None if bar is None else (lambda e: bar(e.searched, e.total, e.frame)), **params)
+        except KeyboardInterrupt:
+            print("\ninterrupted: writing the slices done so far", file=sys.stderr)
+        finally:
+            if bar is not None and bar.drawn:
+                print(file=sys.stderr)
+    n = len(np.unique(labels)) - 1
+    out = labels.astype(np.uint16) if labels.max() <= np.iinfo(np.uint16).max else labels
+    try:
+        target = write_labels(args.output, out, overwrite=args.overwrite)
+    except OSError as err:
+        raise InputError(f"cannot write {target} ({err.strerror or err}); choose a writable place with -o/--output") from err
+    print(f"wrote {target}: {n} objects" + ("" if two_d else f" through {depth} slices"))
+    return 0
+
+
+def _progress_bar(what: str):
+    """A one-line progress bar on stderr: bar(done, total, slice); bar.drawn once it showed."""
+    def show(done: int, total: int, frame: int) -> None:
+        show.drawn = True
+        width = 30
+        filled = int(width * done / max(total, 1))
+        print(f"\r{what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total} slices searched, "
+              f"now slice {frame}   ", end="", file=sys.stderr, flush=True)
+    show.drawn = False
+    return show
 
 
 def _read_pair(image_path: Path, label_path: Path):

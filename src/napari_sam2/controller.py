@@ -148,6 +148,7 @@ class Annotator:
         self.queue.after_each = self._report_nonfinite
         self._undo: List[dict] = []
         self._propagation: Optional[Job] = None
+        self._reserved = 0  # labels below this may be taken by a running automatic segmentation
         self._running: Optional[dict] = None  # the undo entry of the running propagation
         self.status = ""
         self.on_labels: Callable[[bool], None] = _noop
@@ -223,7 +224,7 @@ class Annotator:
     def next_label(self) -> int:
         """The first label above every label in use (the user's, objects', the array's)."""
         top = int(self.labels.max()) if self.labels.size else 0
-        return max([top, *self.user_labels, *self.objects, 0]) + 1
+        return max(max([top, *self.user_labels, *self.objects, 0]) + 1, self._reserved)
 
     def new_object(self) -> int:
         """Make the next free label the active object; returns it."""
@@ -579,6 +580,132 @@ class Annotator:
             self._start_propagation(job)
         return True
 
+    def segment_everything(self, position: Sequence[int], *, whole_stack: bool = False,
+                           on_progress: Optional[Callable[[int, int], None]] = None,
+                           on_end: Optional[Callable[[bool], None]] = None, **params) -> bool:
+        """Find every object automatically (:mod:`napari_sam2.model.auto_stack`); each one
+        found becomes an ordinary object prompted with its mask, which clicks correct and
+        propagation re-runs. Pixels already labelled (the user's or objects') count as taken.
+
+        whole_stack=False: proposals on the slice at ``position`` only (propagate them
+        afterwards); True: proposals on that slice and every ``every`` slices, all tracked
+        both ways (stopped after ``stop_after`` absent slices unless ``stop_after_absent``
+        is given). params: :class:`~napari_sam2.model.auto_stack.StackAutoParams` fields and
+        the 2D generator's. on_progress(searched, total) after each slice written;
+        on_end(completed). Runs like a propagation: cancel() keeps what is done, and one
+        undo takes the whole run back. Returns whether it started.
+        """
+        from dataclasses import replace
+
+        from .model.auto_stack import auto_segment_session, split_params
+        from .model.automatic import AutomaticMaskGenerator
+
+        seg = self.segmenter
+        key = self.slice_key(position)
+        try:
+            if self._propagation is not None:
+                raise InputError("a propagation is already running: wait for it or cancel it (Esc)")
+            if whole_stack and seg.axis is None:
+                raise InputError("this image is 2D: segment this slice instead of the whole stack")
+            params.setdefault("stop_after_absent", self.stop_after or 2)  # auto objects stop where they end
+            gen_params, stack_params = split_params(params)
+            stack_params = replace(stack_params, key_slice=seg.slice_of(key))
+            generator = AutomaticMaskGenerator(seg.model, fast=bool(seg.session_kwargs.get("fast", False)), **gen_params)
+        except InputError as err:
+            self.on_notify("error", f"napari-sam2: {err}")
+            self._say(str(err))
+            return False
+        first = self.next_label()
+        counter = {"next": first}
+        self._reserved = first
+
+        def next_id() -> int:
+            i = counter["next"]
+            counter["next"] += 1
+            self._reserved = max(self._reserved, counter["next"])
+            return i
+
+        def occupied(frame: int) -> np.ndarray:
+            return data_to_view(np.asarray(self.labels[seg.label_index(key, frame)]) != 0, self.displayed)
+
+        entry = {"kind": "auto", "key": key, "slices": {}, "objs": [], "tags": [], "record": None}
+        state = {"error": None}
+
+        def gen():
+            with seg.lock:
+                session = seg.session(key)
+            run = auto_segment_session(session, generator, params=stack_params, next_id=next_id,
+                                       occupied=occupied, track=whole_stack)
+            while True:
+                with seg.lock:
+                    event = next(run, None)
+                if event is None:
+                    return
+                yield event
+
+        def on_item(event):
+            index = seg.label_index(key, event.frame)
+            self._remember(entry, index)
+            if event.kind == "found" and event.masks:
+                self.ensure_fits(max(event.masks))
+                fkey = tuple(event.frame if a == seg.axis else v for a, v in enumerate(key))
+                for obj_id, mask in event.masks.items():
+                    obj = self.objects[obj_id] = AnnotatedObject(obj_id)
+                    obj.prompts[fkey] = SlicePrompts(mask=mask)
+                    obj.version += 1
+                    entry["objs"].append(obj_id)
+                self.on_objects()
+            self._write(index, {i: seg.to_data_order(m) for i, m in event.masks.items()})
+            self._say(f"Segment everything: {len(entry['objs'])} objects found; slice {event.frame}, "
+                      f"searched {event.searched} of {event.total} slices for new objects…")
+            if on_progress is not None:
+                on_progress(event.searched, event.total)
+
+        def on_error(err):
+            state["error"] = _message(err)
+            self.on_notify("error", f"napari-sam2: segment everything failed: {state['error']}")
+
+        def finish():
+            job = self._propagation
+            self._propagation = self._running = None
+            cancelled = job is not None and job.cancelled
+            completed = state["error"] is None and not cancelled
+            found = len(entry["objs"])
+            if state["error"] is not None:
+                self._say(f"Segment everything stopped by an error: {state['error']} {found} objects found before it are kept.")
+            elif cancelled:
+                self._say(f"Segment everything cancelled; the {found} objects found so far are kept.")
+            else:
+                self._say(f"Segment everything found {found} new objects"
+                          + (" and tracked them through the stack." if whole_stack else
+                             " on this slice: correct them, then propagate (Shift+A)."))
+            if whole_stack and entry["objs"]:
+                if completed:
+                    for i in entry["objs"]:
+                        if i in self.objects:
+                            self.objects[i].propagated = self.objects[i].version
+                    record = {"position": list(key), "direction": "both", "objects": list(entry["objs"]),
+                              "frame_range": None, "stop_after": stack_params.stop_after_absent}
+                    self.history.append(record)
+                    entry["record"] = record
+            if not entry["slices"] and entry in self._undo:
+                self._undo.remove(entry)
+            self.active = self.next_label()
+            self._report_nonfinite()
+            self.on_objects()
+            if on_end is not None:
+                on_end(completed)
+
+        job = Job(gen, on_yield=on_item, on_error=on_error, on_done=finish)
+        self._propagation, self._running = job, entry
+        self._push(entry)
+        self._say("Segment everything: looking for objects…")
+        if self.queue.busy:
+            self.queue.submit(("propagate",), Job(lambda: None, on_result=lambda _: self._start_propagation(job)))
+        else:
+            self._start_propagation(job)
+        return True
+
     def _start_propagation(self, job: Job) -> None:
         if job.cancelled:
             job.on_done()
@@ -652,6 +779,9 @@ class Annotator:
                 elif entry["kind"] == "propagation":
                     for i, snap in entry["snaps"].items():
                         seg.restore(entry["key"], i, snap)
+                elif entry["kind"] == "auto":
+                    for i in entry["objs"]:
+                        seg.restore(entry["key"], i, None)
                 else:
                     seg.restore(entry["key"], entry["obj"], entry["snap"])
 
@@ -661,7 +791,8 @@ class Annotator:
             for t in reversed(entry.get("tags", [])):
                 self.on_restore(t)
             self.on_objects()
-            what = {"propagation": "the last propagation", "delete": "the deletion of an object"}.get(
+            what = {"propagation": "the last propagation", "delete": "the deletion of an object",
+                    "auto": f"segment everything ({len(entry.get('objs', []))} objects)"}.get(
                 entry["kind"], f"the last change to object {entry.get('obj')}")
             self._say(f"Undone: {what}.")
 
@@ -675,6 +806,15 @@ class Annotator:
 
     def _undo_labels(self, entry: dict) -> None:
         kind = entry["kind"]
+        if kind == "auto":
+            for index, before in reversed(list(entry["slices"].values())):
+                self.labels[index] = before
+            for i in entry["objs"]:
+                self.objects.pop(i, None)
+            if entry["record"] is not None and entry["record"] in self.history:
+                self.history.remove(entry["record"])
+            self.active = self.next_label()
+            return
         if kind == "propagation":
             for index, before in entry["slices"].values():
                 self.labels[index] = before

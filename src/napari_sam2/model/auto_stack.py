@@ -16,7 +16,11 @@ masks of parts of it; among stable masks the whole, larger one should win) and t
 greedily when at most ``max_overlap`` of their area lies on a mask already taken;
 masks smaller than ``min_area`` pixels or larger than ``max_area_fraction`` of the
 slice (background) are dropped. The ranking is unchanged when all areas scale
-together, so it does not depend on the image size.
+together, so it does not depend on the image size. With ``refine`` (the default) each
+chosen mask is then replaced by what one click at its most interior pixel gives (as a
+user would click; a grid point often lies near an object's edge and yields a part of
+it), and the refined masks are chosen again by the same rules, which merges fragments
+of one object.
 
 Everything here works on a :class:`~napari_sam2.model.session.Session`, so the
 controller runs it on its own sessions and the objects it makes are ordinary objects.
@@ -33,7 +37,7 @@ from .automatic import PARAM_NAMES, AutoMask, AutomaticMaskGenerator
 from .preprocess import InputError
 
 __all__ = [
-    "PROPOSAL_DEFAULTS", "StackAutoParams", "AutoEvent", "select_masks", "proposal_slices",
+    "PROPOSAL_DEFAULTS", "StackAutoParams", "AutoEvent", "select_masks", "interior_point", "propose", "proposal_slices",
     "auto_segment_session", "segment_slice", "segment_stack",
 ]
 
@@ -52,7 +56,7 @@ class StackAutoParams:
     is an object already tracked; key_slice: where to start (None: the middle);
     stop_after_absent: an object stops in a direction after this many slices where the
     model says it is absent (None: never); min_area / max_area_fraction / max_overlap /
-    size_weight: see the module's doc.
+    size_weight / refine: see the module's doc.
     """
 
     every: int = 4
@@ -63,6 +67,7 @@ class StackAutoParams:
     max_area_fraction: float = 0.5
     max_overlap: float = 0.3
     size_weight: float = 0.4
+    refine: bool = True
 
     def __post_init__(self) -> None:
         if int(self.every) < 1:
@@ -139,6 +144,28 @@ def proposal_slices(num_frames: int, key: int, every: int) -> List[int]:
     return out
 
 
+def interior_point(mask: np.ndarray) -> Tuple[float, float]:
+    """(x, y) of the pixel of ``mask`` farthest from its edge (the image border counts as edge)."""
+    from scipy import ndimage as ndi
+
+    d = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(d)), d.shape)
+    return float(x), float(y)
+
+
+def propose(generator: AutomaticMaskGenerator, image, intensity_range, params: StackAutoParams) -> List[np.ndarray]:
+    """Non-overlapping object masks on one 2D image (see the module's doc), best first."""
+    arr = np.asarray(image)
+    hw = arr.shape[:2]
+    rules = dict(min_area=params.min_area, max_area_fraction=params.max_area_fraction,
+                 max_overlap=params.max_overlap, size_weight=params.size_weight)
+    chosen = select_masks(generator.generate(arr, intensity_range), hw, **rules)
+    if not params.refine or not chosen:
+        return chosen
+    refined = generator.masks_at_points(arr, [interior_point(m) for m in chosen], intensity_range)
+    return select_masks(refined, hw, **rules)
+
+
 @dataclass
 class AutoEvent:
     """What :func:`auto_segment_session` did: ``kind`` "found" (new objects, their mask
@@ -154,30 +181,27 @@ class AutoEvent:
 
 def auto_segment_session(
     session, generator: AutomaticMaskGenerator, *, params: StackAutoParams = StackAutoParams(),
-    next_id: Callable[[], int], occupied: Optional[Callable[[int], np.ndarray]] = None,
+    next_id: Callable[[], int], occupied: Optional[Callable[[int], np.ndarray]] = None, track: bool = True,
 ) -> Iterator[AutoEvent]:
     """Find and track every object of a session's stack (see the module's doc).
 
     next_id() gives the label of each new object (the caller's numbering); occupied(frame)
-    gives the pixels of a slice that are taken (by the caller's labels, which include
-    what this run wrote). Without it, the run keeps its own record. Yields an
+    gives pixels of a slice that are taken besides what this run found (e.g. the caller's
+    labels). track=False: proposals on the key slice only, nothing tracked. Yields an
     :class:`AutoEvent` per slice; stop iterating at any time: what was yielded stays valid.
     """
     n, hw = session.num_frames, (session.height, session.width)
     key = n // 2 if params.key_slice is None else int(params.key_slice)
     if not 0 <= key < n:
         raise InputError(f"key_slice {key} is outside the stack (0..{n - 1})")
-    own = None
-    if occupied is None:
-        own = np.zeros((n, *hw), np.int64)
-        occupied = lambda f: own[f] > 0  # noqa: E731
-    todo = proposal_slices(n, key, int(params.every))
+    own = np.zeros((n, *hw), np.int32)  # what this run wrote (slices in the session's order)
+    todo = proposal_slices(n, key, int(params.every)) if track else [key]
     ranges = session.frames.intensity_range
     for done, frame in enumerate(todo, 1):
-        proposals = select_masks(generator.generate(session.frames.read(frame), ranges), hw,
-                                 min_area=params.min_area, max_area_fraction=params.max_area_fraction,
-                                 max_overlap=params.max_overlap, size_weight=params.size_weight)
-        taken = np.asarray(occupied(frame), bool).copy()
+        proposals = propose(generator, session.frames.read(frame), ranges, params)
+        taken = own[frame] > 0
+        if occupied is not None:
+            taken |= np.asarray(occupied(frame), bool)
         new: Dict[int, np.ndarray] = {}
         for m in proposals:
             area = np.count_nonzero(m)
@@ -193,15 +217,15 @@ def auto_segment_session(
         if not new:
             yield AutoEvent("found", frame, {}, done, len(todo))
             continue
-        if own is not None:
-            _paint(own[frame], new)
+        _paint(own[frame], new)
         yield AutoEvent("found", frame, new, done, len(todo))
+        if not track:
+            continue
         for f, masks in session.propagate("both", obj_ids=list(new), stop_after_absent=params.stop_after_absent):
             masks = {i: m for i, m in masks.items() if f != frame}
             if not masks:
                 continue
-            if own is not None:
-                _paint(own[f], masks)
+            _paint(own[f], masks)
             yield AutoEvent("tracked", f, masks, done, len(todo))
 
 
@@ -219,15 +243,14 @@ def segment_slice(model, image, intensity_range: Optional[Sequence[float]] = Non
                   **params) -> np.ndarray:
     """Every object of one 2D image as a label image (uint32, 1, 2, ... best first).
 
-    params: the 2D generator's (:class:`~.automatic.AutoMaskParams`) and
-    ``min_area``, ``max_area_fraction``, ``max_overlap`` (see :func:`select_masks`).
+    params: the 2D generator's (:class:`~.automatic.AutoMaskParams`) and the choosing
+    rules of :class:`StackAutoParams` (min_area, max_area_fraction, max_overlap,
+    size_weight, refine).
     """
     gen_params, stack = split_params(params)
     generator = AutomaticMaskGenerator(model, fast=fast, **gen_params)
-    masks = generator.generate(image, intensity_range)
     hw = np.asarray(image).shape[:2]
-    chosen = select_masks(masks, hw, min_area=stack.min_area, max_area_fraction=stack.max_area_fraction,
-                          max_overlap=stack.max_overlap, size_weight=stack.size_weight)
+    chosen = propose(generator, image, intensity_range, stack)
     out = np.zeros(hw, np.uint32)
     for i, m in enumerate(chosen, 1):
         out[m] = i

@@ -201,6 +201,7 @@ class AutomaticMaskGenerator:
         p = self.params
         self.grids = [point_grid(int(p.points_per_side / p.crop_n_points_downscale_factor ** i))
                       for i in range(p.crop_n_layers + 1)]
+        self._held: Optional[tuple] = None  # (image, intensity range, crop) whose embedding the predictor holds
 
     @torch.inference_mode()
     def generate(self, image, intensity_range: Optional[Sequence[float]] = None, *,
@@ -229,11 +230,44 @@ class AutomaticMaskGenerator:
             found = [found[i] for i in keep.tolist()]
         return found
 
+    def masks_at_points(self, image, points_xy, intensity_range: Optional[Sequence[float]] = None) -> List[AutoMask]:
+        """One mask per single-click prompt (x, y pixels of ``image``): of the three masks the
+        decoder gives for a click, the one with the highest predicted IoU (what a click gives
+        in the tracker). Reuses the embedding when ``image`` is the one :meth:`generate` just
+        saw whole (no crops); the masks come with their stability scores, unfiltered."""
+        arr = check_image(image)
+        rng = check_range(intensity_range) or default_intensity_range(arr)
+        hw = arr.shape[:2]
+        full = (0, 0, hw[1], hw[0])
+        held = self._held
+        if held is None or held[0] is not arr or held[1:] != (rng, full) or not self.predictor.is_image_set:
+            self.predictor.set_image(arr, rng)
+            self._held = (arr, rng, full)
+        pts = torch.as_tensor(np.asarray(points_xy, np.float32).reshape(-1, 2))
+        out: List[AutoMask] = []
+        p = self.params
+        for start in range(0, pts.shape[0], p.points_per_batch):
+            chunk = pts[start:start + p.points_per_batch]
+            low, iou = self.predictor.predict_batch(chunk[:, None, :], torch.ones(chunk.shape[0], 1, dtype=torch.int32),
+                                                    multimask_output=True)
+            best = iou.argmax(1)
+            rows = torch.arange(low.shape[0])
+            logits = self.predictor.to_image_size(low[rows, best][:, None])[:, 0]
+            stab = stability_score(logits, p.mask_threshold, p.stability_score_offset)
+            masks = logits > p.mask_threshold
+            boxes = mask_boxes(masks)
+            for j in range(masks.shape[0]):
+                bx0, by0, bx1, by1 = boxes[j].tolist()
+                out.append(AutoMask((bx0, by0, bx1, by1), masks[j, by0:by1 + 1, bx0:bx1 + 1].cpu().numpy(),
+                                    float(iou[j, best[j]]), float(stab[j]), (float(chunk[j, 0]), float(chunk[j, 1])), full))
+        return out
+
     def _crop(self, arr, rng, crop_box, layer, hw, should_stop) -> List[AutoMask]:
         p = self.params
         x0, y0, x1, y1 = crop_box
         sub = arr[y0:y1, x0:x1]
         self.predictor.set_image(sub, rng)
+        self._held = (arr, rng, tuple(crop_box))  # the array itself: an id could be reused
         ch, cw = sub.shape[:2]
         points = torch.from_numpy((self.grids[layer] * np.array([[cw, ch]])).astype(np.float32))
         kept_boxes, kept_scores, items = [], [], []
@@ -265,7 +299,6 @@ class AutomaticMaskGenerator:
                               (float(pts_rep[j, 0]) + x0, float(pts_rep[j, 1]) + y0)))
                 kept_boxes.append(bx[j])
                 kept_scores.append(iou[j])
-        self.predictor.reset_image()
         if not items:
             return []
         local = torch.stack(kept_boxes)

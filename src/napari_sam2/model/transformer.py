@@ -93,8 +93,8 @@ class Attention(nn.Module):
         for x, proj, name in zip((q, k, v), (self.q_proj, self.k_proj, self.v_proj), cache_as):
             if cache is not None and name is not None:
                 hit = cache.get(name)
-                if hit is None:
-                    hit = cache[name] = self._heads(proj(x))
+                if hit is None:  # image-only: every row of the batch is the same image
+                    hit = cache[name] = self._heads(proj(x[:1]))
                 if hit.shape[0] != x.shape[0]:
                     hit = hit.expand(x.shape[0], -1, -1, -1)
                 projected.append(hit)

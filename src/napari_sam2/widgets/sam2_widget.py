@@ -90,6 +90,14 @@ class SAM2Widget(Container):
             label="Stop an object after", choices=STOP_ITEMS, value=0,
             tooltip="Stop tracking an object in a direction after this many slices where the model finds it "
             "absent (z-stacks: nuclei do not come back; time-lapses: cells may leave and return, so never).")
+        self._auto_slice_btn = PushButton(
+            text="Segment all — this slice",
+            tooltip="Find every object on this slice automatically (a grid of point prompts); each becomes an "
+            "object you can correct and propagate. Pixels already labelled are left alone.")
+        self._auto_stack_btn = PushButton(
+            text="Segment all — whole stack",
+            tooltip="Find every object on this slice and every few slices, and track each both ways as far as it "
+            "exists. Cancel (Esc) keeps what is done; Ctrl+Z takes the whole run back.")
         self._cancel_btn = PushButton(text="Cancel [Esc]", enabled=False)
         from .objects_panel import ObjectsPanel
 
@@ -104,7 +112,7 @@ class SAM2Widget(Container):
         self.extend([
             self._image_combo, self._model_combo, self._checkpoint, self._device_combo, self._fast, self._orientations,
             self._axis_combo, self._output_combo, self._start_btn, self._new_obj_btn, self._polarity_btn, self._fwd_btn,
-            self._back_btn, self._both_btn, self._stop_after, self._cancel_btn, self._panel, self._undo_btn, self._axes_edit, self._save_btn, self._resume_btn,
+            self._back_btn, self._both_btn, self._stop_after, self._auto_slice_btn, self._auto_stack_btn, self._cancel_btn, self._panel, self._undo_btn, self._axes_edit, self._save_btn, self._resume_btn,
             self._status,
         ])
         self._status.native.setWordWrap(True)  # long messages wrap instead of widening the window
@@ -130,6 +138,8 @@ class SAM2Widget(Container):
         self._back_btn.changed.connect(lambda: self.propagate("backward"))
         self._both_btn.changed.connect(lambda: self.propagate("both"))
         self._stop_after.changed.connect(self._on_stop_after)
+        self._auto_slice_btn.changed.connect(lambda: self.segment_everything(whole_stack=False))
+        self._auto_stack_btn.changed.connect(lambda: self.segment_everything(whole_stack=True))
         self._cancel_btn.changed.connect(lambda: self.cancel())
         self._undo_btn.changed.connect(lambda: self.undo())
         self._save_btn.changed.connect(lambda: self._save_dialog())
@@ -749,6 +759,34 @@ class SAM2Widget(Container):
 
         if ann.propagate(self.position, direction, objects=objects, frame_range=frame_range,
                          on_slice=lambda: bar.update(1), on_end=finish):
+            self._cancel_btn.enabled = True
+        else:
+            bar.close()
+
+    def segment_everything(self, whole_stack: bool = False, **params) -> None:
+        """Find every object automatically on this slice (``whole_stack=False``) or through the
+        stack, tracked both ways; every object found is an ordinary object afterwards.
+        params: see :meth:`napari_sam2.controller.Annotator.segment_everything`."""
+        from napari.utils import progress
+
+        ann = self._controller
+        if ann is None:
+            _notify_error("napari-sam2: start a session first (Start session).")
+            return
+        bar = progress(total=1, desc="SAM 2: segment everything" + (" (whole stack)" if whole_stack else ""))
+        seen = {"n": 0}
+
+        def step(searched: int, total: int) -> None:
+            bar.total = total
+            if searched > seen["n"]:
+                bar.update(searched - seen["n"])
+                seen["n"] = searched
+
+        def finish(_completed=True):
+            bar.close()
+            self._cancel_btn.enabled = False
+
+        if ann.segment_everything(self.position, whole_stack=whole_stack, on_progress=step, on_end=finish, **params):
             self._cancel_btn.enabled = True
         else:
             bar.close()
