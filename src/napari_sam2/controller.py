@@ -590,7 +590,7 @@ class Annotator:
         whole_stack=False: proposals on the slice at ``position`` only (propagate them
         afterwards); True: proposals on that slice and every ``every`` slices, all tracked
         both ways (stopped after ``stop_after`` absent slices unless ``stop_after_absent``
-        is given). params: :class:`~napari_sam2.model.auto_stack.StackAutoParams` fields and
+        is given), together with the objects at this position not yet propagated. params: :class:`~napari_sam2.model.auto_stack.StackAutoParams` fields and
         the 2D generator's. on_progress(searched, total) after each slice written;
         on_end(completed). Runs like a propagation: cancel() keeps what is done, and one
         undo takes the whole run back. Returns whether it started.
@@ -628,14 +628,21 @@ class Annotator:
         def occupied(frame: int) -> np.ndarray:
             return data_to_view(np.asarray(self.labels[seg.label_index(key, frame)]) != 0, self.displayed)
 
-        entry = {"kind": "auto", "key": key, "slices": {}, "objs": [], "tags": [], "record": None}
+        # objects of this position not yet propagated go with the first round (else the search
+        # on other slices would take them for new objects)
+        block = seg.key(key)
+        waiting = [o.obj_id for o in self.objects.values() if o.propagated != o.version
+                   and any(seg.key(k) == block for k in o.prompts)] if whole_stack else []
+        entry = {"kind": "auto", "key": key, "slices": {}, "objs": [], "tags": [], "record": None,
+                 "snaps": {}, "waiting": waiting}
         state = {"error": None}
 
         def gen():
             with seg.lock:
                 session = seg.session(key)
+                entry["snaps"] = {i: seg.snapshot(key, i) for i in waiting}
             run = auto_segment_session(session, generator, params=stack_params, next_id=next_id,
-                                       occupied=occupied, track=whole_stack)
+                                       occupied=occupied, track=whole_stack, existing=waiting)
             while True:
                 with seg.lock:
                     event = next(run, None)
@@ -649,7 +656,7 @@ class Annotator:
             if event.kind == "found" and event.masks:
                 self.ensure_fits(max(event.masks))
                 fkey = tuple(event.frame if a == seg.axis else v for a, v in enumerate(key))
-                for obj_id, mask in event.masks.items():
+                for obj_id, mask in event.prompts.items():
                     obj = self.objects[obj_id] = AnnotatedObject(obj_id)
                     obj.prompts[fkey] = SlicePrompts(mask=mask)
                     obj.version += 1
@@ -679,12 +686,13 @@ class Annotator:
                 self._say(f"Segment everything found {found} new objects"
                           + (" and tracked them through the stack." if whole_stack else
                              " on this slice: correct them, then propagate (Shift+A)."))
-            if whole_stack and entry["objs"]:
+            tracked = entry["objs"] + waiting
+            if whole_stack and tracked:
                 if completed:
-                    for i in entry["objs"]:
+                    for i in tracked:
                         if i in self.objects:
                             self.objects[i].propagated = self.objects[i].version
-                    record = {"position": list(key), "direction": "both", "objects": list(entry["objs"]),
+                    record = {"position": list(key), "direction": "both", "objects": sorted(tracked),
                               "frame_range": None, "stop_after": stack_params.stop_after_absent}
                     self.history.append(record)
                     entry["record"] = record
@@ -782,6 +790,8 @@ class Annotator:
                 elif entry["kind"] == "auto":
                     for i in entry["objs"]:
                         seg.restore(entry["key"], i, None)
+                    for i, snap in entry["snaps"].items():
+                        seg.restore(entry["key"], i, snap)
                 else:
                     seg.restore(entry["key"], entry["obj"], entry["snap"])
 
@@ -811,6 +821,9 @@ class Annotator:
                 self.labels[index] = before
             for i in entry["objs"]:
                 self.objects.pop(i, None)
+            for i in entry["waiting"]:
+                if i in self.objects:
+                    self.objects[i].propagated = None
             if entry["record"] is not None and entry["record"] in self.history:
                 self.history.remove(entry["record"])
             self.active = self.next_label()

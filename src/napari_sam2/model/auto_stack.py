@@ -28,7 +28,7 @@ controller runs it on its own sessions and the objects it makes are ordinary obj
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -168,26 +168,31 @@ def propose(generator: AutomaticMaskGenerator, image, intensity_range, params: S
 
 @dataclass
 class AutoEvent:
-    """What :func:`auto_segment_session` did: ``kind`` "found" (new objects, their mask
-    prompts on ``frame``) or "tracked" (masks of objects on ``frame`` from tracking);
-    ``masks``: {obj_id: H x W bool}; ``searched``: proposal slices searched so far, of ``total``."""
+    """What :func:`auto_segment_session` did: ``kind`` "found" (new objects on ``frame``)
+    or "tracked" (masks of objects on ``frame`` from tracking); ``masks``: {obj_id: H x W
+    bool}, the model's masks; ``prompts``: the mask prompts new objects were given;
+    ``searched``: proposal slices searched so far, of ``total``."""
 
     kind: str
     frame: int
     masks: Dict[int, np.ndarray]
     searched: int
     total: int
+    prompts: Dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def auto_segment_session(
     session, generator: AutomaticMaskGenerator, *, params: StackAutoParams = StackAutoParams(),
     next_id: Callable[[], int], occupied: Optional[Callable[[int], np.ndarray]] = None, track: bool = True,
+    existing: Sequence[int] = (),
 ) -> Iterator[AutoEvent]:
     """Find and track every object of a session's stack (see the module's doc).
 
     next_id() gives the label of each new object (the caller's numbering); occupied(frame)
     gives pixels of a slice that are taken besides what this run found (e.g. the caller's
-    labels). track=False: proposals on the key slice only, nothing tracked. Yields an
+    labels). track=False: proposals on the key slice only, nothing tracked. existing: objects
+    the session already holds that are tracked with the key slice's new ones (e.g. a user's
+    objects not yet propagated), so that later slices see them as taken. Yields an
     :class:`AutoEvent` per slice; stop iterating at any time: what was yielded stays valid.
     """
     n, hw = session.num_frames, (session.height, session.width)
@@ -203,6 +208,7 @@ def auto_segment_session(
         if occupied is not None:
             taken |= np.asarray(occupied(frame), bool)
         new: Dict[int, np.ndarray] = {}
+        given: Dict[int, np.ndarray] = {}
         for m in proposals:
             area = np.count_nonzero(m)
             if np.count_nonzero(m & taken) >= params.covered * area:
@@ -211,18 +217,17 @@ def auto_segment_session(
             if np.count_nonzero(part) < max(params.min_area, 1):
                 continue
             obj_id = int(next_id())
-            session.add_mask(frame, obj_id, part)
-            new[obj_id] = part
-            taken |= part
-        if not new:
-            yield AutoEvent("found", frame, {}, done, len(todo))
+            given[obj_id] = part
+            new[obj_id] = session.add_mask(frame, obj_id, part)[obj_id]  # the model's mask from that prompt
+            taken |= part | new[obj_id]
+        if new:
+            _paint(own[frame], new)
+        yield AutoEvent("found", frame, new, done, len(todo), given)
+        ids = list(new) + ([int(i) for i in existing if int(i) in session.objects] if done == 1 else [])
+        if not track or not ids:
             continue
-        _paint(own[frame], new)
-        yield AutoEvent("found", frame, new, done, len(todo))
-        if not track:
-            continue
-        for f, masks in session.propagate("both", obj_ids=list(new), stop_after_absent=params.stop_after_absent):
-            masks = {i: m for i, m in masks.items() if f != frame}
+        for f, masks in session.propagate("both", obj_ids=ids, stop_after_absent=params.stop_after_absent):
+            masks = {i: m for i, m in masks.items() if not (i in new and f == frame)}
             if not masks:
                 continue
             _paint(own[f], masks)

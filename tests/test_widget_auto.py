@@ -1,0 +1,61 @@
+"""Segment everything from the dock widget (Xvfb): the two buttons' actions, through public
+widget methods; expectations are the generated truth and copies taken before a change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _stacks import drain_qt_workers  # noqa: F401 (an autouse fixture)
+from test_auto_stack import appearing_blob_stack, one_to_one
+
+from napari_sam2.widgets import sam2_widget as sw
+
+TIMEOUT = 60_000
+
+
+@pytest.fixture(scope="module")
+def nano():
+    from napari_sam2.model.checkpoint import load_model
+
+    return load_model("sam2.1_nano_synthetic", None, device="cpu")
+
+
+def test_segment_all_buttons(make_napari_viewer, qtbot, nano, monkeypatch):
+    errors = []
+    monkeypatch.setattr(sw, "_notify_error", errors.append)
+    image, truth = appearing_blob_stack(seed=6)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(image)
+    widget = sw.SAM2Widget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.configure(image=layer, loaded_model=nano, orientations=1)
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.is_busy and widget.session_started, timeout=TIMEOUT)
+    step = list(viewer.dims.current_step)
+    step[0] = 12
+    viewer.dims.current_step = tuple(step)
+
+    widget.segment_everything(whole_stack=False)  # "Segment all — this slice"
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT)
+    rows = widget.object_rows
+    assert len(rows) == 2 and all(r.prompted_slices == [12] for r in rows), rows
+    shown = np.asarray(widget.labels_layer.data)
+    assert {lab for lab, _ in one_to_one(shown[12], truth[12]).values()} == {r.obj_id for r in rows}
+    assert not shown[:12].any() and not shown[13:].any()
+    before = shown.copy()
+
+    widget.segment_everything(whole_stack=True)  # "Segment all — whole stack": nothing new on slice 12
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT)
+    assert not errors, errors
+    np.testing.assert_array_equal(np.asarray(widget.labels_layer.data)[12], before[12])
+    widget.undo()
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT)
+    np.testing.assert_array_equal(np.asarray(widget.labels_layer.data), before)
+    assert [r.obj_id for r in widget.object_rows] == [r.obj_id for r in rows]
+
+    widget.propagate("both")  # the objects found are ordinary objects
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT)
+    final = np.asarray(widget.labels_layer.data)
+    matched = one_to_one(final, truth)
+    assert matched[1][1] >= 0.7 and matched[2][1] >= 0.6, matched
+    assert "objects" in widget.status or "Propagation" in widget.status
