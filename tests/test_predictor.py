@@ -137,3 +137,22 @@ def test_bfloat16_mode_agrees_with_float32(image):
     # random weights amplify rounding; the logits must still correlate strongly
     corr = np.corrcoef(a.logits.ravel(), b.logits.ravel())[0, 1]
     assert corr > 0.95
+
+
+def test_batches_of_different_sizes_on_one_image(image):
+    """Prompts decoded in a batch of 64 and then a batch of 7 on the same image give what a
+    fresh predictor gives for those 7 alone (the decoder caches image-only projections)."""
+    torch.manual_seed(0)
+    model = build_model(get_config("sam2.1_hiera_tiny").with_image_size(128))
+    rng = np.random.default_rng(0)
+    many = torch.from_numpy(rng.uniform(0, 60, (64, 1, 2)).astype(np.float32))
+    few = torch.from_numpy(rng.uniform(0, 60, (7, 1, 2)).astype(np.float32))
+    warm = ImagePredictor(model)
+    warm.set_image(image)
+    warm.predict_batch(many, torch.ones(64, 1, dtype=torch.int32))
+    low, iou = warm.predict_batch(few, torch.ones(7, 1, dtype=torch.int32))
+    fresh = ImagePredictor(model)
+    fresh.set_image(image)
+    low_ref, iou_ref = fresh.predict_batch(few, torch.ones(7, 1, dtype=torch.int32))
+    torch.testing.assert_close(low, low_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(iou, iou_ref, rtol=1e-4, atol=1e-4)
