@@ -84,6 +84,26 @@ def main() -> None:
     widget.select_objects([3])
     pump(app, 1.0)
     viewer.screenshot(str(out / "04-objects.png"), canvas_only=False)
+
+    wait_idle(app, widget)
+    pump(app, 0.5)
+    viewer.close()
+
+    # segment everything in a new viewer: every nucleus found and tracked through the stack
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1500, 950)
+    layer = viewer.add_image(data, **meta)
+    widget = SAM2Widget(viewer)
+    viewer.window.add_dock_widget(widget, name="SAM 2", area="right")
+    widget.configure(image=layer, loaded_model=loaded)
+    widget.start()
+    wait_idle(app, widget)
+    viewer.dims.current_step = (16, 0, 0)
+    widget.segment_everything(whole_stack=True)
+    wait_idle(app, widget)
+    viewer.dims.current_step = (12, 0, 0)
+    pump(app, 1.0)
+    viewer.screenshot(str(out / "05-segment-everything.png"), canvas_only=False)
     print("screenshots written to", out)
     wait_idle(app, widget)  # let the background prefetch finish before the viewer goes
     pump(app, 0.5)
