@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 #: chosen by --tune on training seeds (see the module's doc)
-CLASSICAL = {"nuclei": dict(sigma=1.0, min_distance=10, factor=1.2), "cells": dict(sigma=1.0, min_distance=14, factor=1.0)}
+CLASSICAL = {"nuclei": dict(sigma=1.0, min_distance=10, factor=1.0), "cells": dict(sigma=1.0, min_distance=14, factor=1.0)}
 
 
 def stacks(kind: str, seeds):
@@ -94,7 +94,7 @@ def tune(kind: str, seeds) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tune", action="store_true", help="choose the classical parameters on training seeds")
-    ap.add_argument("--n", type=int, default=3, help="seeds per kind (each gives two stacks)")
+    ap.add_argument("--n", type=int, default=3, help="seeds per kind (each gives two stacks; --tune used 4)")
     ap.add_argument("--train", action="store_true", help="run on training seeds (1000..) instead of test seeds")
     ap.add_argument("--stability", type=float, default=None, help="stability_score_thresh of the proposals")
     ap.add_argument("--covered", type=float, default=None, help="covered fraction for a proposal to be known")

@@ -352,3 +352,17 @@ def test_controller_refuses_the_whole_stack_on_a_2d_image(nano):
     assert errors and errors[-1][0] == "error" and "2D" in errors[-1][1]
     assert ann.segment_everything((0, 0))  # this slice works
     assert len(ann.object_table()) == len(centres)
+
+
+def test_controller_whole_stack_run_saves_and_resumes(nano, tmp_path):
+    """The objects found are saved with their mask prompts, and the run replays as a propagation
+    in a fresh annotator (no labels file): the same labels, up to a few pixels at edges."""
+    image, _ = appearing_blob_stack(seed=7)
+    ann, _ = annotator(nano, image)
+    assert ann.segment_everything((8, 0, 0), whole_stack=True)
+    path = ann.save(tmp_path / "run.sam2.json")
+    fresh, _ = annotator(nano, image)
+    fresh.resume(path, propagate=True)
+    assert [r.obj_id for r in fresh.object_table()] == [r.obj_id for r in ann.object_table()]
+    a, b = np.asarray(ann.labels), np.asarray(fresh.labels)
+    assert a.any() and (a == b).mean() >= 0.999
