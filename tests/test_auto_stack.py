@@ -56,7 +56,6 @@ def nano():
 
 def appearing_blob_stack(n=16, hw=(128, 128), start=11, seed=0, dtype=np.uint16):
     """Blob 1 drifts through every slice; blob 2 exists only from slice ``start`` on."""
-    rng = np.random.default_rng(seed)
     images, labels = [], []
     for t in range(n):
         centres, radii = [(40, 36 + t)], [14]
@@ -66,7 +65,6 @@ def appearing_blob_stack(n=16, hw=(128, 128), start=11, seed=0, dtype=np.uint16)
         img, lab = paint_blobs(hw, centres, radii, np.random.default_rng([seed, t]), 400, 4000, dtype)
         images.append(img)
         labels.append(lab)
-    del rng
     return np.stack(images), np.stack(labels)
 
 
@@ -200,7 +198,6 @@ def test_cancel_keeps_the_slices_done(nano):
     snapshots = []
     full = segment_stack(nano, image, progress=lambda e: snapshots.append(None))
     events = {"n": 0}
-    after_five = []
 
     def progress(_e):
         events["n"] += 1
@@ -213,7 +210,6 @@ def test_cancel_keeps_the_slices_done(nano):
     done = partial > 0
     np.testing.assert_array_equal(partial[done], full[done])
     assert done.sum() < (full > 0).sum()
-    del after_five
 
 
 def test_out_labels_are_kept_and_counted_as_taken(nano):
@@ -366,3 +362,88 @@ def test_controller_whole_stack_run_saves_and_resumes(nano, tmp_path):
     assert [r.obj_id for r in fresh.object_table()] == [r.obj_id for r in ann.object_table()]
     a, b = np.asarray(ann.labels), np.asarray(fresh.labels)
     assert a.any() and (a == b).mean() >= 0.999
+
+
+def test_controller_tracks_waiting_objects_first(nano):
+    """An object clicked on another slice and not propagated yet is tracked with the run, not
+    found again as a new object."""
+    image, truth = appearing_blob_stack(seed=8)
+    ann, _ = annotator(nano, image)
+    ann.sync_slice((4, 0, 0), clicks=[((4, 40.0, 40.0), True, 1)])  # blob 1 on slice 4
+    assert ann.segment_everything((8, 0, 0), whole_stack=True)
+    ids = sorted(r.obj_id for r in ann.object_table())
+    matched = one_to_one(np.asarray(ann.labels), truth)
+    assert matched[1][0] == 1 and matched[1][1] >= 0.7, matched  # blob 1 stays the user's object
+    assert len(ids) == 2 and matched[2][0] in ids and matched[2][0] != 1, (ids, matched)
+
+
+def test_controller_labels_given_during_a_run_are_not_reused(nano):
+    image, _ = appearing_blob_stack(seed=9)
+    ann, _ = annotator(nano, image)
+    mine = []
+
+    def progress(searched, total):
+        if not mine:
+            mine.append(ann.new_object())  # the user makes a new object while the run goes on
+
+    assert ann.segment_everything((8, 0, 0), whole_stack=True, on_progress=progress)
+    found = [r.obj_id for r in ann.object_table()]
+    assert len(found) == 2 and mine[0] not in found, (mine, found)
+    assert ann.next_label() > max(found + mine)
+
+
+def test_controller_run_that_finds_nothing_leaves_nothing_to_undo(nano):
+    ann, said = annotator(nano, np.full((6, 64, 64), 700, np.uint16), intensity_range=(0, 4000))
+    assert ann.segment_everything((3, 0, 0), whole_stack=True)
+    assert ann.object_table() == [] and not ann.can_undo and "found 0 new objects" in said[-1]
+    with pytest.raises(InputError, match="key_slice"):
+        from napari_sam2.model.auto_stack import StackAutoParams
+
+        StackAutoParams(key_slice="middle")
+    errors = []
+    ann.on_notify = lambda level, text: errors.append(text)
+    assert not ann.segment_everything((3, 0, 0), whole_stack=True, every=None)
+    assert "every must be a number" in errors[-1]
+
+
+def test_controller_on_transposed_axes_and_a_4d_image(nano):
+    """Displayed axes (x, y) instead of (y, x), and a T-Z-Y-X image: labels land where the
+    objects are, in the array's own axis order, at the time point asked for only."""
+    from napari_sam2.controller import Annotator
+
+    image, truth = appearing_blob_stack(seed=10)
+
+    ann = Annotator(nano, image, axis=0, displayed=(2, 1))
+    assert ann.segment_everything((8, 0, 0), whole_stack=True)
+    matched = one_to_one(np.asarray(ann.labels), truth)
+    assert matched[1][1] >= 0.7 and matched[2][1] >= 0.6, matched
+
+    movie = np.stack([np.full_like(image, 400), image])  # T=2: nothing at t=0
+    ann4 = Annotator(nano, movie, axis=1, displayed=(2, 3))
+    assert ann4.segment_everything((1, 8, 0, 0), whole_stack=True)
+    lab = np.asarray(ann4.labels)
+    assert not lab[0].any()
+    matched = one_to_one(lab[1], truth)
+    assert matched[1][1] >= 0.7 and matched[2][1] >= 0.6, matched
+
+
+@pytest.mark.parametrize("crop_layers", [0, 1])
+def test_masks_at_points_after_generate_equal_a_fresh_generator(nano, crop_layers):
+    """The embedding kept from generate() (whole image, or the last crop) is reused only when it
+    is the whole image's: the masks equal those of a generator that never generated."""
+    from napari_sam2.model.automatic import AutomaticMaskGenerator
+
+    hw, centres, radii, dtype, lo, hi = CASES[1]
+    image, _ = paint_blobs(hw, centres, radii, np.random.default_rng(1), lo, hi, dtype)
+    other, _ = paint_blobs(hw, centres[::-1], radii, np.random.default_rng(2), lo, hi, dtype)
+    points = [(cx, cy) for cy, cx in centres]
+    used = AutomaticMaskGenerator(nano, points_per_side=8, crop_n_layers=crop_layers)
+    used.generate(image)
+    got = used.masks_at_points(image, points)
+    used.masks_at_points(other, points)  # another image between: its embedding must not stay
+    again = used.masks_at_points(image, points)
+    want = AutomaticMaskGenerator(nano).masks_at_points(image, points)
+    for a, b, c in zip(got, again, want):
+        np.testing.assert_array_equal(a.mask(hw), c.mask(hw))
+        np.testing.assert_array_equal(b.mask(hw), c.mask(hw))
+        assert abs(a.predicted_iou - c.predicted_iou) < 1e-5

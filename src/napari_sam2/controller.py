@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -148,7 +149,8 @@ class Annotator:
         self.queue.after_each = self._report_nonfinite
         self._undo: List[dict] = []
         self._propagation: Optional[Job] = None
-        self._reserved = 0  # labels below this may be taken by a running automatic segmentation
+        self._next_free = 0  # while an automatic run hands out labels: the lowest it has not given
+        self._ids = threading.Lock()
         self._running: Optional[dict] = None  # the undo entry of the running propagation
         self.status = ""
         self.on_labels: Callable[[bool], None] = _noop
@@ -224,11 +226,14 @@ class Annotator:
     def next_label(self) -> int:
         """The first label above every label in use (the user's, objects', the array's)."""
         top = int(self.labels.max()) if self.labels.size else 0
-        return max(max([top, *self.user_labels, *self.objects, 0]) + 1, self._reserved)
+        return max(max([top, *self.user_labels, *self.objects, 0]) + 1, self._next_free)
 
     def new_object(self) -> int:
         """Make the next free label the active object; returns it."""
-        label = self.next_label()
+        with self._ids:
+            label = self.next_label()
+            if self._next_free:  # an automatic run hands out labels: this one is taken
+                self._next_free = label + 1
         self.ensure_fits(label)
         self.active = label
         self._say(f"New object: label {label}.")
@@ -590,7 +595,9 @@ class Annotator:
         whole_stack=False: proposals on the slice at ``position`` only (propagate them
         afterwards); True: proposals on that slice and every ``every`` slices, all tracked
         both ways (stopped after ``stop_after`` absent slices unless ``stop_after_absent``
-        is given), together with the objects at this position not yet propagated. params: :class:`~napari_sam2.model.auto_stack.StackAutoParams` fields and
+        is given); the objects at this position not yet propagated are tracked first, so
+        that proposals do not duplicate them. The key slice is always the one at
+        ``position`` (a ``key_slice`` parameter is refused). params: :class:`~napari_sam2.model.auto_stack.StackAutoParams` fields and
         the 2D generator's. on_progress(searched, total) after each slice written;
         on_end(completed). Runs like a propagation: cancel() keeps what is done, and one
         undo takes the whole run back. Returns whether it started.
@@ -607,6 +614,8 @@ class Annotator:
                 raise InputError("a propagation is already running: wait for it or cancel it (Esc)")
             if whole_stack and seg.axis is None:
                 raise InputError("this image is 2D: segment this slice instead of the whole stack")
+            if "key_slice" in params:
+                raise InputError("segment everything starts on the slice at the given position: leave out key_slice")
             params.setdefault("stop_after_absent", self.stop_after or 2)  # auto objects stop where they end
             gen_params, stack_params = split_params(params)
             stack_params = replace(stack_params, key_slice=seg.slice_of(key))
@@ -615,15 +624,16 @@ class Annotator:
             self.on_notify("error", f"napari-sam2: {err}")
             self._say(str(err))
             return False
-        first = self.next_label()
-        counter = {"next": first}
-        self._reserved = first
+        with self._ids:  # labels handed out from now on: the run's and any new_object()'s
+            self._next_free = max(self._next_free, self.next_label(), self.active + 1)
 
         def next_id() -> int:
-            i = counter["next"]
-            counter["next"] += 1
-            self._reserved = max(self._reserved, counter["next"])
-            return i
+            with self._ids:
+                i = self._next_free
+                while i in self.objects or i == self.active:
+                    i += 1
+                self._next_free = i + 1
+                return i
 
         def occupied(frame: int) -> np.ndarray:
             return data_to_view(np.asarray(self.labels[seg.label_index(key, frame)]) != 0, self.displayed)
@@ -637,36 +647,38 @@ class Annotator:
                  "snaps": {}, "waiting": waiting}
         state = {"error": None}
 
+        versions = {i: self.objects[i].version for i in waiting}  # what the run propagates
+        holder: Dict[str, Job] = {}
+
         def gen():
             with seg.lock:
                 session = seg.session(key)
                 entry["snaps"] = {i: seg.snapshot(key, i) for i in waiting}
-            run = auto_segment_session(session, generator, params=stack_params, next_id=next_id,
-                                       occupied=occupied, track=whole_stack, existing=waiting)
-            while True:
-                with seg.lock:
-                    event = next(run, None)
-                if event is None:
-                    return
-                yield event
+            # the engine lock is taken per slice and per prompt, not while proposals are searched
+            yield from auto_segment_session(session, generator, params=stack_params, next_id=next_id,
+                                            occupied=occupied, track=whole_stack, existing=waiting, lock=seg.lock,
+                                            should_stop=lambda: holder["job"].cancelled)
 
         def on_item(event):
+            if on_progress is not None:
+                on_progress(event.searched, event.total)
+            if not event.masks:
+                return
             index = seg.label_index(key, event.frame)
             self._remember(entry, index)
-            if event.kind == "found" and event.masks:
+            if event.kind == "found":
                 self.ensure_fits(max(event.masks))
                 fkey = tuple(event.frame if a == seg.axis else v for a, v in enumerate(key))
                 for obj_id, mask in event.prompts.items():
                     obj = self.objects[obj_id] = AnnotatedObject(obj_id)
                     obj.prompts[fkey] = SlicePrompts(mask=mask)
                     obj.version += 1
+                    versions[obj_id] = obj.version
                     entry["objs"].append(obj_id)
                 self.on_objects()
             self._write(index, {i: seg.to_data_order(m) for i, m in event.masks.items()})
             self._say(f"Segment everything: {len(entry['objs'])} objects found; slice {event.frame}, "
                       f"searched {event.searched} of {event.total} slices for new objects…")
-            if on_progress is not None:
-                on_progress(event.searched, event.total)
 
         def on_error(err):
             state["error"] = _message(err)
@@ -686,12 +698,15 @@ class Annotator:
                 self._say(f"Segment everything found {found} new objects"
                           + (" and tracked them through the stack." if whole_stack else
                              " on this slice: correct them, then propagate (Shift+A)."))
+            with self._ids:
+                self._next_free = 0  # every label the run gave is an object now (or undone)
             tracked = entry["objs"] + waiting
             if whole_stack and tracked:
                 if completed:
-                    for i in tracked:
+                    self._clear_skipped(key, tracked, entry)
+                    for i, v in versions.items():  # a correction made meanwhile still counts as a change
                         if i in self.objects:
-                            self.objects[i].propagated = self.objects[i].version
+                            self.objects[i].propagated = v
                     record = {"position": list(key), "direction": "both", "objects": sorted(tracked),
                               "frame_range": None, "stop_after": stack_params.stop_after_absent}
                     self.history.append(record)
@@ -704,7 +719,7 @@ class Annotator:
             if on_end is not None:
                 on_end(completed)
 
-        job = Job(gen, on_yield=on_item, on_error=on_error, on_done=finish)
+        job = holder["job"] = Job(gen, on_yield=on_item, on_error=on_error, on_done=finish)
         self._propagation, self._running = job, entry
         self._push(entry)
         self._say("Segment everything: looking for objects…")

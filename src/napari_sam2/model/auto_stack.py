@@ -28,6 +28,7 @@ controller runs it on its own sessions and the objects it makes are ordinary obj
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -70,6 +71,12 @@ class StackAutoParams:
     refine: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("every", "covered", "min_area", "max_area_fraction", "max_overlap", "size_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise InputError(f"{name} must be a number, got {value!r}")
+        if self.key_slice is not None and not isinstance(self.key_slice, (int, np.integer)):
+            raise InputError(f"key_slice must be a slice index or None, got {self.key_slice!r}")
         if int(self.every) < 1:
             raise InputError(f"every must be at least 1 (look for new objects every N slices), got {self.every}")
         for name in ("covered", "max_area_fraction", "max_overlap"):
@@ -153,14 +160,16 @@ def interior_point(mask: np.ndarray) -> Tuple[float, float]:
     return float(x), float(y)
 
 
-def propose(generator: AutomaticMaskGenerator, image, intensity_range, params: StackAutoParams) -> List[np.ndarray]:
-    """Non-overlapping object masks on one 2D image (see the module's doc), best first."""
+def propose(generator: AutomaticMaskGenerator, image, intensity_range, params: StackAutoParams,
+            should_stop: Optional[Callable[[], bool]] = None) -> List[np.ndarray]:
+    """Non-overlapping object masks on one 2D image (see the module's doc), best first.
+    should_stop() is asked between batches of prompts (True: what was found so far)."""
     arr = np.asarray(image)
     hw = arr.shape[:2]
     rules = dict(min_area=params.min_area, max_area_fraction=params.max_area_fraction,
                  max_overlap=params.max_overlap, size_weight=params.size_weight)
-    chosen = select_masks(generator.generate(arr, intensity_range), hw, **rules)
-    if not params.refine or not chosen:
+    chosen = select_masks(generator.generate(arr, intensity_range, should_stop=should_stop), hw, **rules)
+    if not params.refine or not chosen or (should_stop is not None and should_stop()):
         return chosen
     refined = generator.masks_at_points(arr, [interior_point(m) for m in chosen], intensity_range)
     return select_masks(refined, hw, **rules)
@@ -184,17 +193,21 @@ class AutoEvent:
 def auto_segment_session(
     session, generator: AutomaticMaskGenerator, *, params: StackAutoParams = StackAutoParams(),
     next_id: Callable[[], int], occupied: Optional[Callable[[int], np.ndarray]] = None, track: bool = True,
-    existing: Sequence[int] = (),
+    existing: Sequence[int] = (), lock=None, should_stop: Optional[Callable[[], bool]] = None,
 ) -> Iterator[AutoEvent]:
     """Find and track every object of a session's stack (see the module's doc).
 
     next_id() gives the label of each new object (the caller's numbering); occupied(frame)
     gives pixels of a slice that are taken besides what this run found (e.g. the caller's
     labels). track=False: proposals on the key slice only, nothing tracked. existing: objects
-    the session already holds that are tracked with the key slice's new ones (e.g. a user's
-    objects not yet propagated), so that later slices see them as taken. Yields an
-    :class:`AutoEvent` per slice; stop iterating at any time: what was yielded stays valid.
+    the session already holds (e.g. a user's objects not yet propagated), tracked first so
+    that no proposal duplicates them. lock: a context manager held around each use of the
+    session (not while proposals are searched). should_stop(): asked while proposals are
+    searched and between slices (True: the run ends). Yields an :class:`AutoEvent` per
+    slice; stop iterating at any time: what was yielded stays valid.
     """
+    guard = lock if lock is not None else contextlib.nullcontext()
+    stop = should_stop or (lambda: False)
     n, hw = session.num_frames, (session.height, session.width)
     key = n // 2 if params.key_slice is None else int(params.key_slice)
     if not 0 <= key < n:
@@ -202,8 +215,33 @@ def auto_segment_session(
     own = np.zeros((n, *hw), np.int32)  # what this run wrote (slices in the session's order)
     todo = proposal_slices(n, key, int(params.every)) if track else [key]
     ranges = session.frames.intensity_range
+
+    def tracked(ids, skip_frame=None, new=()):
+        run = session.propagate("both", obj_ids=ids, stop_after_absent=params.stop_after_absent)
+        while True:
+            with guard:
+                item = next(run, None)
+            if item is None:
+                return
+            f, masks = item
+            masks = {i: m for i, m in masks.items() if not (i in new and f == skip_frame)}
+            if masks:
+                _paint(own[f], masks)
+                yield f, masks
+            if stop():
+                return
+
+    with guard:
+        waiting = [int(i) for i in existing if int(i) in session.objects] if track else []
+    if waiting:
+        for f, masks in tracked(waiting):
+            yield AutoEvent("tracked", f, masks, 0, len(todo))
     for done, frame in enumerate(todo, 1):
-        proposals = propose(generator, session.frames.read(frame), ranges, params)
+        if stop():
+            return
+        proposals = propose(generator, session.frames.read(frame), ranges, params, should_stop=stop)
+        if stop():
+            return
         taken = own[frame] > 0
         if occupied is not None:
             taken |= np.asarray(occupied(frame), bool)
@@ -218,19 +256,15 @@ def auto_segment_session(
                 continue
             obj_id = int(next_id())
             given[obj_id] = part
-            new[obj_id] = session.add_mask(frame, obj_id, part)[obj_id]  # the model's mask from that prompt
+            with guard:
+                new[obj_id] = session.add_mask(frame, obj_id, part)[obj_id]  # the model's mask from that prompt
             taken |= part | new[obj_id]
         if new:
             _paint(own[frame], new)
         yield AutoEvent("found", frame, new, done, len(todo), given)
-        ids = list(new) + ([int(i) for i in existing if int(i) in session.objects] if done == 1 else [])
-        if not track or not ids:
+        if not track or not new:
             continue
-        for f, masks in session.propagate("both", obj_ids=ids, stop_after_absent=params.stop_after_absent):
-            masks = {i: m for i, m in masks.items() if not (i in new and f == frame)}
-            if not masks:
-                continue
-            _paint(own[f], masks)
+        for f, masks in tracked(list(new), skip_frame=frame, new=new):
             yield AutoEvent("tracked", f, masks, done, len(todo))
 
 
@@ -289,13 +323,25 @@ def segment_stack(
         out = np.zeros((frames.num_frames, *frames.shape), np.uint32)
     elif tuple(out.shape) != (frames.num_frames, *frames.shape):
         raise InputError(f"out must have the stack's shape {(frames.num_frames, *frames.shape)}, got {tuple(out.shape)}")
+    elif not np.issubdtype(np.dtype(out.dtype), np.integer):
+        raise InputError(f"out must hold integer labels (e.g. uint32), got dtype {out.dtype}")
     session = open_session(model, frames, orientations=orientations, fast=fast)
     generator = AutomaticMaskGenerator(model, fast=fast, **gen_params)
-    counter = iter(range(int(out.max()) + 1 if out.size else 1, 2**31))
-    run = auto_segment_session(session, generator, params=stack_params, next_id=lambda: next(counter),
-                               occupied=lambda f: out[f] != 0)
+    top = np.iinfo(np.dtype(out.dtype)).max
+    counter = iter(range(int(np.max(out)) + 1 if out.size else 1, 2**31))
+
+    def next_id() -> int:
+        i = next(counter)
+        if i > top:
+            raise InputError(f"out is {np.dtype(out.dtype)}, which cannot hold label {i}; give a uint32 array")
+        return i
+
+    run = auto_segment_session(session, generator, params=stack_params, next_id=next_id,
+                               occupied=lambda f: np.asarray(out[f]) != 0, should_stop=should_stop)
     for event in run:
-        _paint(out[event.frame], event.masks)
+        sl = np.array(out[event.frame])  # works for arrays whose slices are copies (zarr, dask) too
+        _paint(sl, event.masks)
+        out[event.frame] = sl
         if progress is not None:
             progress(event)
         if should_stop is not None and should_stop():
