@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 #: chosen by --tune on training seeds (see the module's doc)
-CLASSICAL = {"nuclei": dict(sigma=1.0, min_distance=10, factor=1.0), "cells": dict(sigma=1.0, min_distance=14, factor=1.0)}
+CLASSICAL = {"nuclei": {"sigma": 1.0, "min_distance": 10, "factor": 1.0}, "cells": {"sigma": 1.0, "min_distance": 14, "factor": 1.0}}
 
 
 def stacks(kind: str, seeds):
@@ -86,7 +86,7 @@ def tune(kind: str, seeds) -> dict:
     for sigma, md, factor in itertools.product([1.0, 2.0, 3.0], [3, 5, 7, 10, 14], [0.8, 1.0, 1.2]):
         f1 = np.mean([match(classical(img, sigma, md, factor), gt)[0] for img, gt in data])
         if best is None or f1 > best[0]:
-            best = (f1, dict(sigma=sigma, min_distance=md, factor=factor))
+            best = (f1, {"sigma": sigma, "min_distance": md, "factor": factor})
     print(f"{kind}: best classical on training seeds {list(seeds)}: F1 {best[0]:.3f} with {best[1]}")
     return best[1]
 

@@ -83,8 +83,8 @@ def test_proposal_slices_by_hand():
 def test_select_masks_by_hand():
     """Larger stable masks win over their parts; overlapping ones are dropped; background-sized
     and tiny ones too; a later mask loses the pixels an earlier one took."""
-    from napari_sam2.model.automatic import AutoMask
     from napari_sam2.model.auto_stack import select_masks
+    from napari_sam2.model.automatic import AutoMask
 
     hw = (40, 40)
 
@@ -257,7 +257,7 @@ def test_cli_auto_on_a_2d_image(nano, tmp_path):
     from napari_sam2.cli import main
 
     hw, centres, radii, dtype, lo, hi = CASES[0]
-    image, truth = paint_blobs(hw, centres, radii, np.random.default_rng(0), lo, hi, dtype)
+    image, _truth = paint_blobs(hw, centres, radii, np.random.default_rng(0), lo, hi, dtype)
     tifffile.imwrite(tmp_path / "slice.tif", image)
     assert main(["auto", str(tmp_path / "slice.tif"), "-o", str(tmp_path / "out.tif")]) == 0
     written = tifffile.imread(tmp_path / "out.tif")
@@ -303,7 +303,7 @@ def test_controller_whole_stack_undo_and_cancel(nano):
     image, truth = appearing_blob_stack(seed=5)
     user = np.zeros(truth.shape, np.uint16)
     user[:, :8, :8] = 3  # the user's own label, in a corner
-    ann, said = annotator(nano, image, labels=user.copy())
+    ann, _said = annotator(nano, image, labels=user.copy())
     before = np.array(ann.labels, copy=True)
     assert ann.segment_everything((8, 0, 0), whole_stack=True)
     full = np.array(ann.labels, copy=True)

@@ -392,8 +392,8 @@ def _auto(args) -> int:
     image = _read_image(args.image)
     if args.stop_after < 0:
         raise InputError(f"--stop-after must be 0 (never stop) or a number of slices, got {args.stop_after}")
-    params = dict(points_per_side=args.points_per_side, stability_score_thresh=args.stability,
-                  pred_iou_thresh=args.pred_iou, min_area=args.min_area)
+    params = {"points_per_side": args.points_per_side, "stability_score_thresh": args.stability,
+                  "pred_iou_thresh": args.pred_iou, "min_area": args.min_area}
     model = load_model(_model_name(args), args.checkpoint, device=device)
     two_d = image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))
     if two_d:

@@ -701,16 +701,15 @@ class Annotator:
             with self._ids:
                 self._next_free = 0  # every label the run gave is an object now (or undone)
             tracked = entry["objs"] + waiting
-            if whole_stack and tracked:
-                if completed:
-                    self._clear_skipped(key, tracked, entry)
-                    for i, v in versions.items():  # a correction made meanwhile still counts as a change
-                        if i in self.objects:
-                            self.objects[i].propagated = v
-                    record = {"position": list(key), "direction": "both", "objects": sorted(tracked),
-                              "frame_range": None, "stop_after": stack_params.stop_after_absent}
-                    self.history.append(record)
-                    entry["record"] = record
+            if whole_stack and tracked and completed:
+                self._clear_skipped(key, tracked, entry)
+                for i, v in versions.items():  # a correction made meanwhile still counts as a change
+                    if i in self.objects:
+                        self.objects[i].propagated = v
+                record = {"position": list(key), "direction": "both", "objects": sorted(tracked),
+                          "frame_range": None, "stop_after": stack_params.stop_after_absent}
+                self.history.append(record)
+                entry["record"] = record
             if not entry["slices"] and entry in self._undo:
                 self._undo.remove(entry)
             self.active = self.next_label()

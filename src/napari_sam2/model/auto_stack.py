@@ -38,14 +38,22 @@ from .automatic import PARAM_NAMES, AutoMask, AutomaticMaskGenerator
 from .preprocess import InputError
 
 __all__ = [
-    "PROPOSAL_DEFAULTS", "StackAutoParams", "AutoEvent", "select_masks", "interior_point", "propose", "proposal_slices",
-    "auto_segment_session", "segment_slice", "segment_stack",
+    "PROPOSAL_DEFAULTS",
+    "AutoEvent",
+    "StackAutoParams",
+    "auto_segment_session",
+    "interior_point",
+    "proposal_slices",
+    "propose",
+    "segment_slice",
+    "segment_stack",
+    "select_masks",
 ]
 
 #: The 2D generator's settings for proposals: looser than Meta's defaults because the
 #: ranking and the overlap rule below do the choosing (the bundled nano model's predicted
 #: IoU says little; stability does). Chosen on training seeds of the generated data.
-PROPOSAL_DEFAULTS = dict(points_per_side=32, pred_iou_thresh=0.0, stability_score_thresh=0.6, box_nms_thresh=0.7)
+PROPOSAL_DEFAULTS = {"points_per_side": 32, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.6, "box_nms_thresh": 0.7}
 
 
 @dataclass(frozen=True)
@@ -166,8 +174,8 @@ def propose(generator: AutomaticMaskGenerator, image, intensity_range, params: S
     should_stop() is asked between batches of prompts (True: what was found so far)."""
     arr = np.asarray(image)
     hw = arr.shape[:2]
-    rules = dict(min_area=params.min_area, max_area_fraction=params.max_area_fraction,
-                 max_overlap=params.max_overlap, size_weight=params.size_weight)
+    rules = {"min_area": params.min_area, "max_area_fraction": params.max_area_fraction,
+             "max_overlap": params.max_overlap, "size_weight": params.size_weight}
     chosen = select_masks(generator.generate(arr, intensity_range, should_stop=should_stop), hw, **rules)
     if not params.refine or not chosen or (should_stop is not None and should_stop()):
         return chosen
