@@ -115,6 +115,33 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    b = sub.add_parser(
+        "batch", help="segment many stacks unattended (here, or on a dask.distributed cluster)",
+        description="Each input becomes OUT_DIR/<name>_labels.tif and a provenance JSON "
+        "(<name>_labels.sam2-batch.json). Finished stacks (JSON present) are skipped, so a stopped batch "
+        "resumes where it was; a failing stack is reported and the others go on; the exit status is 1 "
+        "when any failed.",
+    )
+    b.add_argument("inputs", nargs="+", help="stacks: paths or quoted glob patterns (e.g. 'plate1/*.tif')")
+    b.add_argument("-o", "--out-dir", type=Path, required=True, help="folder for the label TIFFs and JSONs")
+    how = b.add_mutually_exclusive_group(required=True)
+    how.add_argument("--auto", action="store_true", help="segment everything (napari-sam2 auto's defaults)")
+    how.add_argument("--points", nargs="?", const="{dir}/{stem}.csv", metavar="PATTERN",
+                     help="clicks CSV per stack with columns slice,y,x,object,positive (default {dir}/{stem}.csv)")
+    how.add_argument("--seeds", nargs="?", const="{dir}/{stem}_seeds.tif", metavar="PATTERN",
+                     help="label image per stack whose objects are prompts (default {dir}/{stem}_seeds.tif); "
+                          "a 2D one prompts the middle slice")
+    how.add_argument("--session", metavar="FILE", help="a saved .sam2.json whose prompts and propagations run on every stack")
+    b.add_argument("--workers", type=int, default=0, help="start a dask LocalCluster of N worker processes")
+    b.add_argument("--scheduler", help="use a running dask.distributed scheduler (e.g. tcp://host:8786)")
+    b.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
+    b.add_argument("--checkpoint", type=Path, help="local checkpoint file")
+    b.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range for every stack")
+    b.add_argument("--stop-after", type=int, default=3, metavar="N",
+                   help="stop following an object after N slices where it is absent (default 3; 0: never)")
+    b.add_argument("--fast", action="store_true", help="bfloat16 mode")
+    b.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
+
     t = sub.add_parser(
         "train",
         help="train or fine-tune a model on stacks with instance labels",
@@ -182,6 +209,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _evaluate(args)
         if args.command == "auto":
             return _auto(args)
+        if args.command == "batch":
+            return _batch(args)
         if args.command == "fetch":
             from .model.checkpoint import fetch_checkpoint
 
@@ -421,6 +450,51 @@ def _auto(args) -> int:
         raise InputError(f"cannot write {target} ({err.strerror or err}); choose a writable place with -o/--output") from err
     print(f"wrote {target}: {n} objects" + ("" if two_d else f" through {depth} slices"))
     return 0
+
+
+def _batch(args) -> int:
+    from .batch import BatchSettings, plan_batch, run_batch
+    from .model import InputError
+
+    _check_model(args.model)
+    _check_checkpoint(args.checkpoint)
+    if args.stop_after < 0:
+        raise InputError(f"--stop-after must be 0 (never stop) or a number of slices, got {args.stop_after}")
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 (here) or more, got {args.workers}")
+    if args.auto:
+        kind, source = "auto", None
+    elif args.points:
+        kind, source = "points", args.points
+    elif args.seeds:
+        kind, source = "seeds", args.seeds
+    else:
+        kind, source = "session", args.session
+    items = plan_batch(args.inputs, args.out_dir, kind, source=source)
+    settings = BatchSettings(model=_model_name(args), checkpoint=None if args.checkpoint is None else str(args.checkpoint),
+                             device=args.device, fast=args.fast,
+                             intensity_range=None if args.range is None else tuple(args.range),
+                             stop_after=args.stop_after or None)
+    bar = _progress_bar("batch")
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+
+    def on_result(r, done, total):
+        counts[r.status] += 1
+        if bar.drawn:
+            print(file=sys.stderr)
+            bar.drawn = False
+        where = f" on {r.worker}" if r.worker else ""
+        what = {"done": f"{r.objects} objects, {r.seconds:.1f} s{where}", "skipped": "finished before, skipped",
+                "failed": f"FAILED: {r.error}"}[r.status]
+        print(f"[{done}/{total}] {r.image} -> {r.output}: {what}", file=sys.stderr if r.status == "failed" else sys.stdout,
+              flush=True)
+
+    results = run_batch(items, settings, workers=args.workers, scheduler=args.scheduler, on_result=on_result,
+                        on_slice=lambda z: bar(counts["done"] + counts["skipped"] + counts["failed"], len(items), z),
+                        on_dashboard=lambda link: print(f"dask dashboard: {link}", flush=True))
+    print(f"{counts['done']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed "
+          f"of {len(results)} stacks")
+    return 1 if counts["failed"] else 0
 
 
 def _progress_bar(what: str):

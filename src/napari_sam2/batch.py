@@ -1,0 +1,395 @@
+"""Many stacks, one model, unattended: the engine of ``napari-sam2 batch``.
+
+Each input stack becomes a label TIFF and a provenance JSON beside it, from one kind of
+prompt: ``auto`` (segment everything, :mod:`napari_sam2.model.auto_stack`), ``points``
+(a CSV of clicks: slice, y, x, object, positive), ``seeds`` (a label image whose objects
+are mask prompts) or ``session`` (a saved ``.sam2.json`` whose objects and propagations
+are replayed). Outputs are written to a temporary name and renamed, the JSON last: a
+stack whose JSON exists is finished and is skipped by the next run, and a crash never
+leaves a half-written file. One failing stack is reported and does not stop the others.
+
+Scale-out is dask.distributed's: :func:`run_batch` with ``workers=N`` starts a
+LocalCluster of N single-threaded processes, ``scheduler=ADDRESS`` joins a running
+cluster, ``client=`` takes a notebook's own client. Each worker loads the model once
+(:class:`ModelPlugin`), stacks are tasks, and the worker that computed a stack writes it.
+A worker that dies mid-stack leaves no file behind, and dask runs its task elsewhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .model.preprocess import InputError
+
+__all__ = ["PROMPT_KINDS", "BatchItem", "BatchResult", "BatchSettings", "ModelPlugin", "plan_batch",
+           "process", "read_points_csv", "result_paths", "run_batch"]
+
+PROMPT_KINDS = ("auto", "points", "seeds", "session")
+PROVENANCE_FORMAT = "napari-sam2 batch result"
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What every stack of a batch is segmented with.
+
+    model / checkpoint: as :func:`~napari_sam2.model.load_model` takes them (None: the
+    bundled nano model); intensity_range: (low, high) for every stack (None: each stack's
+    own percentiles); stop_after: stop an object after this many slices where it is absent
+    (None: never); auto: parameters of the automatic mode (see ``segment_stack``);
+    threads: torch threads per worker process (0: torch's default).
+    """
+
+    model: Optional[str] = None
+    checkpoint: Optional[str] = None
+    device: str = "cpu"
+    fast: bool = False
+    intensity_range: Optional[Tuple[float, float]] = None
+    stop_after: Optional[int] = 3
+    auto: Dict[str, object] = field(default_factory=dict)
+    threads: int = 0
+
+    def key(self) -> tuple:
+        return (self.model, self.checkpoint, self.device)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One stack: its image, the label TIFF to write, and its prompts (``kind`` one of
+    :data:`PROMPT_KINDS`; ``source`` the prompt file, None for ``auto``)."""
+
+    image: str
+    output: str
+    kind: str
+    source: Optional[str] = None
+
+
+@dataclass
+class BatchResult:
+    """What became of one stack: ``status`` "done", "skipped" (finished before) or "failed"
+    (``error`` says why)."""
+
+    image: str
+    output: str
+    status: str
+    error: Optional[str] = None
+    objects: int = 0
+    seconds: float = 0.0
+    worker: Optional[str] = None
+
+
+def result_paths(output) -> Tuple[Path, Path]:
+    """(label TIFF, provenance JSON) of an output: ``x_labels.tif`` -> ``x_labels.sam2-batch.json``."""
+    from .io import tiff_path
+
+    tif = tiff_path(output)
+    stem = tif.name[: -len(tif.suffix)]
+    return tif, tif.with_name(stem + ".sam2-batch.json")
+
+
+def plan_batch(images: Sequence, out_dir, kind: str, *, source: Optional[str] = None) -> List[BatchItem]:
+    """Items for ``images`` (paths or glob patterns) writing ``OUT_DIR/<stem>_labels.tif``.
+
+    source: where each stack's prompts are, a pattern with ``{stem}`` (the image's name
+    without extension) and ``{dir}`` (its folder), e.g. ``{dir}/{stem}.csv`` (the default
+    for points), ``{dir}/{stem}_seeds.tif`` (seeds), or one file for all (a session).
+    """
+    import glob
+
+    if kind not in PROMPT_KINDS:
+        raise InputError(f"prompts must be one of {', '.join(PROMPT_KINDS)}, got {kind!r}")
+    paths: List[Path] = []
+    for pattern in images:
+        text = str(pattern)
+        hits = sorted(glob.glob(text)) if any(c in text for c in "*?[") else [text]
+        if not hits:
+            raise InputError(f"no file matches {text!r}")
+        paths += [Path(h) for h in hits]
+    if not paths:
+        raise InputError("no input stacks given")
+    defaults = {"points": "{dir}/{stem}.csv", "seeds": "{dir}/{stem}_seeds.tif"}
+    if kind == "session" and not source:
+        raise InputError("session prompts need the session file (--session FILE)")
+    pattern = source or defaults.get(kind)
+    out = Path(out_dir)
+    items, seen = [], set()
+    for p in paths:
+        stem = p.name.split(".")[0]
+        target = out / f"{stem}_labels.tif"
+        if target in seen:
+            raise InputError(f"two inputs would write {target}: give stacks distinct names")
+        seen.add(target)
+        src = None if pattern is None else pattern.format(stem=stem, dir=str(p.parent))
+        items.append(BatchItem(str(p), str(target), kind, src))
+    return items
+
+
+def read_points_csv(path, num_slices: int, hw: Tuple[int, int]) -> Dict[Tuple[int, int], Tuple[list, list]]:
+    """A clicks CSV with a header naming ``slice, y, x, object, positive`` (any order; more
+    columns are ignored) -> {(slice, object): ([(x, y), ...], [1 or 0, ...])}."""
+    need = ("slice", "y", "x", "object", "positive")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise InputError(f"no points file {path}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"cannot read the points file {path}: {err}") from None
+    if not rows or any(c not in rows[0] for c in need):
+        raise InputError(f"the points file {path} needs a header with the columns {', '.join(need)}")
+    out: Dict[Tuple[int, int], Tuple[list, list]] = {}
+    for n, row in enumerate(rows, 2):
+        try:
+            z, y, x, obj = int(row["slice"]), float(row["y"]), float(row["x"]), int(row["object"])
+            pos = str(row["positive"]).strip().lower() in ("1", "true", "yes", "y", "t")
+        except (TypeError, ValueError):
+            raise InputError(f"{path}, line {n}: slice and object must be integers, y and x numbers") from None
+        if not 0 <= z < num_slices or obj < 1:
+            raise InputError(f"{path}, line {n}: slice {z} is outside the stack (0..{num_slices - 1}) "
+                             "or the object is not a label >= 1")
+        if not (-0.5 <= y <= hw[0] - 0.5 and -0.5 <= x <= hw[1] - 0.5):
+            raise InputError(f"{path}, line {n}: the point (y={y}, x={x}) is outside the slices ({hw[0]} x {hw[1]})")
+        pts, labs = out.setdefault((z, obj), ([], []))
+        pts.append((x, y))
+        labs.append(1 if pos else 0)
+    return out
+
+
+# ---------------------------------------------------------------------- one stack
+
+
+_MODELS: Dict[tuple, object] = {}
+
+
+def get_model(settings: BatchSettings):
+    """The settings' model, loaded once per process (a worker keeps it between stacks)."""
+    key = settings.key()
+    if key not in _MODELS:
+        import torch
+
+        from .model import load_model
+
+        if settings.threads:
+            torch.set_num_threads(int(settings.threads))
+        from .model.config import DEFAULT_MODEL
+
+        name = settings.model or (None if settings.checkpoint else DEFAULT_MODEL)
+        _MODELS[key] = load_model(name, settings.checkpoint, device=settings.device)
+    return _MODELS[key]
+
+
+def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
+             on_slice: Optional[Callable[[int], None]]) -> Tuple[np.ndarray, dict]:
+    """The label volume of one stack and what produced it."""
+    from .model.auto_stack import segment_slice, segment_stack
+    from .model.video import StackSession
+    from .segmenter import write_masks
+
+    rng = settings.intensity_range
+    if item.kind == "auto":
+        if image.ndim == 2:
+            return segment_slice(model, image, rng, fast=settings.fast, **settings.auto), {}
+        params = {"stop_after_absent": settings.stop_after or None, **settings.auto}
+        labels = segment_stack(model, image, rng, fast=settings.fast,
+                               progress=None if on_slice is None else (lambda e: on_slice(e.frame)), **params)
+        return labels, {"auto": {k: v for k, v in params.items()}}
+    if item.kind == "session":
+        return _replay_session(item, settings, model, image)
+    if image.ndim != 3:
+        raise InputError(f"{item.image}: a stack (N, H, W) is needed, got shape {image.shape}")
+    session = StackSession(model, image, intensity_range=rng, fast=settings.fast)
+    if item.kind == "points":
+        for (z, obj), (pts, labs) in sorted(read_points_csv(item.source, *_stack_shape(image)).items()):
+            session.add_points(z, obj, points=pts, labels=labs, clear=False)
+    else:  # seeds
+        from .io import read_image
+
+        if not Path(item.source).exists():
+            raise InputError(f"no seeds file {item.source}")
+        seeds = np.asarray(read_image(item.source))
+        if seeds.shape == image.shape[1:]:
+            session.add_labels(image.shape[0] // 2, seeds)
+        else:
+            session.add_label_volume(seeds)
+    labels = np.zeros(image.shape, np.uint32)
+    for z, masks in session.propagate("both", stop_after_absent=settings.stop_after or None):
+        write_masks(labels, (z,), masks)
+        if on_slice is not None:
+            on_slice(z)
+    return labels, {}
+
+
+def _stack_shape(image: np.ndarray) -> Tuple[int, Tuple[int, int]]:
+    return image.shape[0], (image.shape[1], image.shape[2])
+
+
+def _replay_session(item: BatchItem, settings: BatchSettings, model, image) -> Tuple[np.ndarray, dict]:
+    """A saved session's objects, prompts and propagations on this stack."""
+    from .controller import Annotator, load_session
+
+    record = load_session(item.source)
+    view = record.get("view") or {}
+    labels = np.zeros(image.shape[:-1] if record["image"].get("rgb") else image.shape, np.uint32)
+    ann = Annotator(model, image, rgb=bool(record["image"].get("rgb")), axis=view.get("axis"),
+                    displayed=tuple(view.get("displayed") or (image.ndim - 2, image.ndim - 1)), labels=labels,
+                    intensity_range=settings.intensity_range or (record.get("settings") or {}).get("intensity_range"),
+                    fast=settings.fast, stop_after=settings.stop_after)
+    errors = []
+    ann.on_notify = lambda level, text: errors.append(text) if level == "error" else None
+    ann.resume(record, propagate=True)
+    if errors:
+        raise InputError(errors[0].replace("napari-sam2: ", ""))
+    return np.asarray(ann.labels), {"session": str(item.source)}
+
+
+def process(item: BatchItem, settings: BatchSettings, *, model=None,
+            on_slice: Optional[Callable[[int], None]] = None) -> BatchResult:
+    """Segment one stack and write its label TIFF, then its provenance JSON (both atomically).
+    A stack whose JSON exists is skipped; errors become a "failed" result, never an exception."""
+    from . import __version__
+    from .io import atomic_write, read_image, write_labels
+
+    tif, meta = result_paths(item.output)
+    if meta.exists() and tif.exists():
+        return BatchResult(item.image, str(tif), "skipped")
+    t0 = time.perf_counter()
+    try:
+        model = model if model is not None else get_model(settings)
+        try:
+            image = np.asarray(read_image(item.image))
+        except (ValueError, OSError) as err:  # FileNotFoundError included
+            raise InputError(f"cannot read {item.image}: {err}") from None
+        if image.ndim < 2 or image.size == 0:
+            raise InputError(f"{item.image} holds no image (shape {image.shape})")
+        labels, extra = _segment(item, settings, model, image, on_slice)
+        top = int(labels.max()) if labels.size else 0
+        labels = labels.astype(np.uint16) if top <= np.iinfo(np.uint16).max else labels
+        write_labels(tif, labels, overwrite=True)
+        objects = len(np.unique(labels)) - 1
+        seconds = time.perf_counter() - t0
+        record = {
+            "format": PROVENANCE_FORMAT, "napari_sam2": __version__,
+            "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "image": str(item.image), "labels": str(tif), "prompts": {"kind": item.kind, "source": item.source, **extra},
+            "model": {"name": getattr(getattr(model, "config", None), "name", settings.model),
+                      "checkpoint": settings.checkpoint},
+            "settings": {k: v for k, v in asdict(settings).items() if k not in ("model", "checkpoint")},
+            "shape": list(labels.shape), "objects": objects, "seconds": round(seconds, 3),
+        }
+        text = json.dumps(record, indent=1)
+        atomic_write(meta, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what="the provenance record")
+        return BatchResult(item.image, str(tif), "done", objects=objects, seconds=seconds)
+    except Exception as err:  # one stack's failure is reported, the batch goes on
+        msg = str(err) if isinstance(err, (InputError, OSError, ValueError)) else f"{type(err).__name__}: {err}"
+        return BatchResult(item.image, str(tif), "failed", error=" ".join(msg.split()),
+                           seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------- many stacks
+
+
+def ModelPlugin(settings: BatchSettings):  # noqa: N802 (builds a class instance; distributed is imported late)
+    """A dask worker plugin: each worker process loads the settings' model once, when it starts."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class _ModelPlugin(WorkerPlugin):
+        name = "napari-sam2-model"
+
+        def __init__(self, settings: BatchSettings) -> None:
+            self.settings = settings
+
+        def setup(self, worker) -> None:
+            get_model(self.settings)
+
+        def teardown(self, worker) -> None:
+            _MODELS.pop(self.settings.key(), None)
+
+    return _ModelPlugin(settings)
+
+
+def _task(item: BatchItem, settings: BatchSettings) -> BatchResult:
+    from distributed import get_worker
+
+    result = process(item, settings)
+    result.worker = get_worker().address
+    return result
+
+
+def run_batch(items: Sequence[BatchItem], settings: BatchSettings, *, workers: int = 0,
+              scheduler: Optional[str] = None, client=None,
+              on_result: Optional[Callable[[BatchResult, int, int], None]] = None,
+              on_slice: Optional[Callable[[int], None]] = None,
+              on_dashboard: Optional[Callable[[str], None]] = None) -> List[BatchResult]:
+    """Process ``items``: here, one after another (no workers, scheduler or client), or as
+    tasks on a dask.distributed cluster (``workers`` local processes, a ``scheduler``
+    address, or a ``client``). on_result(result, done, total) as each stack ends; on_slice
+    (here only) after each slice; on_dashboard(link) once a cluster is up. Returns the
+    results in the order of ``items``."""
+    items = list(items)
+    total = len(items)
+    if not (workers or scheduler or client):
+        model = None
+        results = []
+        for k, item in enumerate(items, 1):
+            if model is None and not all(p.exists() for p in result_paths(item.output)):
+                model = get_model(settings)
+            r = process(item, settings, model=model, on_slice=on_slice)
+            results.append(r)
+            if on_result is not None:
+                on_result(r, k, total)
+        return results
+    from distributed import Client, LocalCluster, as_completed
+
+    own_cluster = own_client = None
+    try:
+        if client is None:
+            if scheduler:
+                client = own_client = Client(scheduler)
+            else:
+                own_cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                                           dashboard_address=":0")
+                client = own_client = Client(own_cluster)
+        if on_dashboard is not None:
+            on_dashboard(str(client.dashboard_link))
+        if settings.threads == 0 and own_cluster is not None:
+            settings = _with_threads(settings, 1)  # one torch thread per single-threaded worker process
+        _register(client, ModelPlugin(settings))
+        futures = client.map(_task, items, settings=settings, pure=False, retries=2)
+        index = {f.key: k for k, f in enumerate(futures)}
+        results: List[Optional[BatchResult]] = [None] * total
+        for done, fut in enumerate(as_completed(futures), 1):
+            k = index[fut.key]
+            try:
+                r = fut.result()
+            except Exception as err:  # the task itself died (e.g. its worker, three times)
+                r = BatchResult(items[k].image, str(result_paths(items[k].output)[0]), "failed",
+                                error=f"{type(err).__name__}: {err}")
+            results[k] = r
+            if on_result is not None:
+                on_result(r, done, total)
+        return [r for r in results if r is not None]
+    finally:
+        if own_client is not None:
+            own_client.close()
+        if own_cluster is not None:
+            own_cluster.close()
+
+
+def _with_threads(settings: BatchSettings, threads: int) -> BatchSettings:
+    from dataclasses import replace
+
+    return replace(settings, threads=threads)
+
+
+def _register(client, plugin) -> None:
+    if hasattr(client, "register_plugin"):
+        client.register_plugin(plugin, name=plugin.name)
+    else:  # distributed < 2023.9
+        client.register_worker_plugin(plugin, name=plugin.name)

@@ -1,0 +1,153 @@
+"""Many stacks unattended (issue 17): napari-sam2 batch, serially and on a dask LocalCluster
+of 2 worker processes that the tests start and close themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from test_auto_stack import appearing_blob_stack, one_to_one
+
+from napari_sam2.batch import BatchSettings, plan_batch, process, read_points_csv, result_paths, run_batch
+from napari_sam2.model import InputError
+
+# one torch thread everywhere: float32 sums then agree bit for bit between this process and the workers
+SETTINGS = BatchSettings(stop_after=2, threads=1)
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def make_stacks(folder, n=4):
+    """n small stacks with a clicks CSV each; returns {stem: truth}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    truths = {}
+    for k in range(n):
+        image, truth = appearing_blob_stack(n=12, start=6, seed=20 + k)
+        tifffile.imwrite(folder / f"s{k}.tif", image)
+        (folder / f"s{k}.csv").write_text(
+            "slice,y,x,object,positive\n4,40,40,1,1\n9,92,90,2,1\n9,92,100,2,true\n", encoding="utf-8")
+        truths[f"s{k}"] = truth
+    return truths
+
+
+def outputs(out_dir):
+    return {p.name: tifffile.imread(p) for p in sorted(out_dir.glob("*.tif"))}
+
+
+def test_points_csv_is_read_and_checked(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("x,y,slice,object,positive,note\n10,20,3,1,1,a\n11,21,3,1,0,b\n5,6,1,2,yes,c\n", encoding="utf-8")
+    assert read_points_csv(f, 5, (64, 64)) == {(3, 1): ([(10.0, 20.0), (11.0, 21.0)], [1, 0]),
+                                               (1, 2): ([(5.0, 6.0)], [1])}
+    f.write_text("slice,y,x,object\n1,2,3,1\n", encoding="utf-8")
+    with pytest.raises(InputError, match="positive"):
+        read_points_csv(f, 5, (64, 64))
+    f.write_text("slice,y,x,object,positive\n9,2,3,1,1\n", encoding="utf-8")
+    with pytest.raises(InputError, match="line 2: slice 9 is outside"):
+        read_points_csv(f, 5, (64, 64))
+    f.write_text("slice,y,x,object,positive\n1,200,3,1,1\n", encoding="utf-8")
+    with pytest.raises(InputError, match="outside the slices"):
+        read_points_csv(f, 5, (64, 64))
+
+
+def test_serial_batch_writes_labels_and_provenance_and_resumes(tmp_path, one_thread):
+    truths = make_stacks(tmp_path / "in")
+    items = plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "out", "points")
+    assert [os.path.basename(i.output) for i in items] == [f"s{k}_labels.tif" for k in range(4)]
+    results = run_batch(items, SETTINGS)
+    assert [r.status for r in results] == ["done"] * 4
+    for item, r in zip(items, results):
+        tif, meta = result_paths(item.output)
+        labels = tifffile.imread(tif)
+        matched = one_to_one(labels, truths[os.path.basename(item.image)[:-4]])
+        assert matched[1] == (1, pytest.approx(matched[1][1])) and matched[1][1] >= 0.7, matched
+        assert matched[2][0] == 2 and matched[2][1] >= 0.6, matched
+        record = json.loads(meta.read_text())
+        assert record["prompts"]["kind"] == "points" and record["objects"] == 2 == r.objects
+        assert record["model"]["name"] == "sam2.1_nano_synthetic"
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    again = run_batch(items, SETTINGS)
+    assert [r.status for r in again] == ["skipped"] * 4
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
+
+
+def test_a_failing_stack_is_reported_and_the_others_finish(tmp_path, capsys):
+    from napari_sam2.cli import main
+
+    make_stacks(tmp_path / "in", n=2)
+    (tmp_path / "in" / "broken.tif").write_bytes(b"not a tiff at all")
+    (tmp_path / "in" / "broken.csv").write_text("slice,y,x,object,positive\n1,1,1,1,1\n", encoding="utf-8")
+    rc = main(["batch", str(tmp_path / "in" / "*.tif"), "-o", str(tmp_path / "out"), "--points", "--stop-after", "2"])
+    assert rc == 1
+    out, err = capsys.readouterr()
+    assert "broken.tif" in err and "FAILED" in err and "Traceback" not in err
+    assert "2 done, 0 skipped (finished before), 1 failed of 3 stacks" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "s0_labels.sam2-batch.json", "s0_labels.tif", "s1_labels.sam2-batch.json", "s1_labels.tif"]
+    # a missing prompts file is a failure of that stack too
+    item = plan_batch([str(tmp_path / "in" / "s0.tif")], tmp_path / "out2", "seeds")[0]
+    r = process(item, SETTINGS)
+    assert r.status == "failed" and "s0_seeds.tif" in r.error
+
+
+def test_seeds_and_auto_prompts(tmp_path, one_thread):
+    truths = make_stacks(tmp_path / "in", n=1)
+    seeds = np.zeros_like(truths["s0"])
+    seeds[6][truths["s0"][6] == 1] = 5  # a 3D seed volume: object 5 on slice 6 only
+    tifffile.imwrite(tmp_path / "in" / "s0_seeds.tif", seeds)
+    r = process(plan_batch([str(tmp_path / "in" / "s0.tif")], tmp_path / "a", "seeds")[0], SETTINGS)
+    assert r.status == "done" and r.objects == 1
+    labels = tifffile.imread(tmp_path / "a" / "s0_labels.tif")
+    assert set(np.unique(labels)) == {0, 5} and one_to_one(labels, truths["s0"])[1][1] >= 0.7
+    r = process(plan_batch([str(tmp_path / "in" / "s0.tif")], tmp_path / "b", "auto")[0], SETTINGS)
+    assert r.status == "done" and r.objects == 2
+
+
+def test_local_cluster_equals_serial_and_survives_a_killed_worker(tmp_path, one_thread):
+    from distributed import Client, LocalCluster
+
+    make_stacks(tmp_path / "in")
+    serial = plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "serial", "points")
+    assert [r.status for r in run_batch(serial, SETTINGS)] == ["done"] * 4
+    want = outputs(tmp_path / "serial")
+
+    items = plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "cluster", "points")
+    results = run_batch(items, SETTINGS, workers=2)
+    assert [r.status for r in results] == ["done"] * 4
+    assert len({r.worker for r in results}) == 2  # both worker processes took stacks
+    got = outputs(tmp_path / "cluster")
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+    # a worker process killed while stacks run: dask runs its task again elsewhere
+    items = plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "killed", "points")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        killed = []
+
+        def on_result(r, done, total):
+            if not killed:
+                victim = next(a for a in client.scheduler_info()["workers"] if a != r.worker)
+                killed.append(victim)
+                try:
+                    client.run(os._exit, 1, workers=[victim])
+                except Exception:  # the worker's connection drops as it exits
+                    pass
+
+        results = run_batch(items, SETTINGS, client=client, on_result=on_result)
+    # a stack the killed worker had written but not reported is found finished when run again
+    assert killed and {r.status for r in results} <= {"done", "skipped"} and len(results) == 4
+    got = outputs(tmp_path / "killed")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert not [p for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")]  # no temporary file left
