@@ -171,13 +171,14 @@ _MODELS: Dict[tuple, object] = {}
 def get_model(settings: BatchSettings):
     """The settings' model, loaded once per process (a worker keeps it between stacks)."""
     key = settings.key()
-    if key not in _MODELS:
+    if settings.threads:
         import torch
 
+        # per calling thread: OpenMP keeps the setting per thread, and a dask worker runs
+        # tasks on another thread than its plugins (and sets OMP_NUM_THREADS=1 for them)
+        torch.set_num_threads(int(settings.threads))
+    if key not in _MODELS:
         from .model import load_model
-
-        if settings.threads:
-            torch.set_num_threads(int(settings.threads))
         from .model.config import DEFAULT_MODEL
 
         name = settings.model or (None if settings.checkpoint else DEFAULT_MODEL)
@@ -317,7 +318,7 @@ def ModelPlugin(settings: BatchSettings):  # noqa: N802 (builds a class instance
 def _task(item: BatchItem, settings: BatchSettings) -> BatchResult:
     from distributed import get_worker
 
-    result = process(item, settings)
+    result = process(item, settings, model=get_model(settings))
     result.worker = get_worker().address
     return result
 
