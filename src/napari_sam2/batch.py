@@ -354,8 +354,10 @@ def run_batch(items: Sequence[BatchItem], settings: BatchSettings, *, workers: i
             if scheduler:
                 client = own_client = Client(scheduler)
             else:
+                import logging
+
                 own_cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                                           dashboard_address=":0")
+                                           dashboard_address=":0", silence_logs=logging.WARNING)
                 client = own_client = Client(own_cluster)
         if on_dashboard is not None:
             on_dashboard(str(client.dashboard_link))
