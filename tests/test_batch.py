@@ -151,3 +151,24 @@ def test_local_cluster_equals_serial_and_survives_a_killed_worker(tmp_path, one_
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
     assert not [p for p in (tmp_path / "killed").iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_batch_reads_a_matching_store_and_refuses_another(tmp_path, one_thread):
+    """A stack with an embedding store beside it gives the labels it gives without one; a store
+    made with another intensity mapping fails that stack with the reason."""
+    from napari_sam2.batch import get_model
+    from napari_sam2.model.frames import FrameSource
+    from napari_sam2.store import build_store, store_path
+
+    make_stacks(tmp_path / "in", n=2)
+    plain = run_batch(plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "plain", "points"), SETTINGS)
+    assert [r.status for r in plain] == ["done"] * 2
+    model = get_model(SETTINGS)
+    build_store(store_path(tmp_path / "in" / "s0.tif"), model, FrameSource(tifffile.imread(tmp_path / "in" / "s0.tif")))
+    build_store(store_path(tmp_path / "in" / "s1.tif"), model,
+                FrameSource(tifffile.imread(tmp_path / "in" / "s1.tif"), (0, 10)))  # another mapping
+    stored = run_batch(plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "stored", "points"), SETTINGS)
+    assert stored[0].status == "done"
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "stored" / "s0_labels.tif"),
+                                  tifffile.imread(tmp_path / "plain" / "s0_labels.tif"))
+    assert stored[1].status == "failed" and "intensities" in stored[1].error

@@ -7,6 +7,9 @@ are mask prompts) or ``session`` (a saved ``.sam2.json`` whose objects and propa
 are replayed). Outputs are written to a temporary name and renamed, the JSON last: a
 stack whose JSON exists is finished and is skipped by the next run, and a crash never
 leaves a half-written file. One failing stack is reported and does not stop the others.
+A stack with an embedding store beside it (``stack.sam2.zarr``, :mod:`napari_sam2.store`)
+is tracked from the stored features (clicks and seeds); a store made with another model
+or intensity mapping fails that stack with the reason.
 
 Scale-out is dask.distributed's: :func:`run_batch` with ``workers=N`` starts a
 LocalCluster of N single-threaded processes, ``scheduler=ADDRESS`` joins a running
@@ -205,7 +208,13 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
         return _replay_session(item, settings, model, image)
     if image.ndim != 3:
         raise InputError(f"{item.image}: a stack (N, H, W) is needed, got shape {image.shape}")
-    session = StackSession(model, image, intensity_range=rng, fast=settings.fast)
+    from .model.frames import FrameSource
+    from .store import open_store, store_path
+
+    frames = FrameSource(image, rng)
+    store = store_path(item.image)
+    features = open_store(store, model, frames).features if store.exists() else None  # a mismatch is refused
+    session = StackSession(model, frames, fast=settings.fast, compute_features=features)
     if item.kind == "points":
         for (z, obj), (pts, labs) in sorted(read_points_csv(item.source, *_stack_shape(image)).items()):
             session.add_points(z, obj, points=pts, labels=labs, clear=False)

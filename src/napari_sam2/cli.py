@@ -142,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fast", action="store_true", help="bfloat16 mode")
     b.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
 
+    em = sub.add_parser(
+        "embed", help="compute the image features of every slice once, into STACK.sam2.zarr",
+        description="Runs the image encoder on every slice of a stack and stores the features (zarr, float32, "
+        "one chunk per slice) with the model's identity and the intensity mapping; sessions given the store "
+        "read features from it instead of running the encoder.",
+    )
+    em.add_argument("stack", type=Path, help="a stack (N, H, W) TIFF")
+    em.add_argument("--out", type=Path, help="the store to write (default: STACK.sam2.zarr beside the stack)")
+    em.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
+    em.add_argument("--checkpoint", type=Path, help="local checkpoint file")
+    em.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
+    em.add_argument("--workers", type=int, default=0, help="spread the slices over a dask LocalCluster of N processes")
+    em.add_argument("--scheduler", help="use a running dask.distributed scheduler")
+    em.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
+
     t = sub.add_parser(
         "train",
         help="train or fine-tune a model on stacks with instance labels",
@@ -211,6 +226,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _auto(args)
         if args.command == "batch":
             return _batch(args)
+        if args.command == "embed":
+            return _embed(args)
         if args.command == "fetch":
             from .model.checkpoint import fetch_checkpoint
 
@@ -475,7 +492,7 @@ def _batch(args) -> int:
                              device=args.device, fast=args.fast,
                              intensity_range=None if args.range is None else tuple(args.range),
                              stop_after=args.stop_after or None)
-    bar = _progress_bar("batch")
+    bar = _progress_bar("batch", "stacks finished")
     counts = {"done": 0, "skipped": 0, "failed": 0}
 
     def on_result(r, done, total):
@@ -497,13 +514,57 @@ def _batch(args) -> int:
     return 1 if counts["failed"] else 0
 
 
-def _progress_bar(what: str):
+def _embed(args) -> int:
+    import functools
+
+    from .batch import BatchSettings, get_model
+    from .model.frames import FrameSource
+    from .store import build_store, store_path
+
+    _check_model(args.model)
+    _check_checkpoint(args.checkpoint)
+    out = args.out or store_path(args.stack)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it to build the store again")
+    settings = BatchSettings(model=_model_name(args), checkpoint=None if args.checkpoint is None else str(args.checkpoint),
+                             device=args.device)
+    frames = FrameSource(_read_image(args.stack), args.range)
+    model = get_model(settings)
+    bar = _progress_bar(f"embedding {args.stack.name}", "slices")
+    client = cluster = None
+    try:
+        if args.workers or args.scheduler:
+            import logging
+
+            from distributed import Client, LocalCluster
+
+            if args.scheduler:
+                client = Client(args.scheduler)
+            else:
+                cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=":0", silence_logs=logging.WARNING)
+                client = Client(cluster)
+            print(f"dask dashboard: {client.dashboard_link}", flush=True)
+        build_store(out, model, frames, client=client, stack_path=str(args.stack),
+                    load=functools.partial(get_model, settings), progress=lambda d, n: bar(d, n, d - 1))
+    finally:
+        if bar.drawn:
+            print(file=sys.stderr)
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    print(f"wrote {out} ({len(frames)} slices)")
+    return 0
+
+
+def _progress_bar(what: str, unit: str = "slices searched"):
     """A one-line progress bar on stderr: bar(done, total, slice); bar.drawn once it showed."""
     def show(done: int, total: int, frame: int) -> None:
         show.drawn = True
         width = 30
         filled = int(width * done / max(total, 1))
-        print(f"\r{what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total} slices searched, "
+        print(f"\r{what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}, "
               f"now slice {frame}   ", end="", file=sys.stderr, flush=True)
     show.drawn = False
     return show

@@ -1,0 +1,196 @@
+"""An embedding store: the image features of every slice of a stack, computed once, on disk.
+
+``napari-sam2 embed STACK`` (or :func:`build_store`) runs the image encoder on every slice
+and writes ``STACK.sam2.zarr``: one zarr array per feature level, chunked per slice,
+float32 (exactly what the encoder returns, so a session reading them computes what it
+would have computed; bfloat16 would halve the size but change masks slightly). The
+model's identity (name, input size, a SHA-256 of its weights) and the intensity mapping
+(low, high, and the stack's shape and dtype) are recorded; :func:`open_store` refuses a
+store made with anything else, naming what differs. A session given
+``compute_features=store.features`` reads slices from it instead of running the encoder.
+The store is written under a temporary name and renamed when complete; with a dask
+client the slices are spread over its workers, each writing its own chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .model.preprocess import InputError
+
+__all__ = ["FeatureStore", "build_store", "model_identity", "open_store", "store_path"]
+
+STORE_FORMAT = "napari-sam2 embedding store"
+STORE_VERSION = 1
+
+
+def store_path(stack_path: Union[str, Path]) -> Path:
+    """``stack.tif`` -> ``stack.sam2.zarr`` beside it."""
+    p = Path(stack_path)
+    return p.with_name(p.name.split(".")[0] + ".sam2.zarr")
+
+
+def model_identity(model) -> dict:
+    """What makes features comparable: the model's name, input size and weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    cfg = getattr(model, "config", None)
+    return {"name": getattr(cfg, "name", None), "image_size": int(model.image_size), "weights_sha256": h.hexdigest()}
+
+
+def _mapping(frames) -> dict:
+    return {"intensity_range": [float(v) for v in frames.intensity_range], "shape": [len(frames), *frames.shape],
+            "dtype": str(np.dtype(frames.dtype))}
+
+
+def _encode(model, frames, frame: int):
+    from .model.video import StackSession
+
+    return StackSession(model, frames, feature_cache_mb=0).encode_frame(frame)
+
+
+def _write_slices(path: str, model, frames, slices: Sequence[int]) -> int:
+    import zarr
+
+    group = zarr.open_group(path, mode="r+")
+    for f in slices:
+        feats = _encode(model, frames, int(f))
+        group["image_embed"][f] = feats.image_embed[0].cpu().numpy()
+        for k, h in enumerate(feats.high_res):
+            group[f"high_res_{k}"][f] = h[0].cpu().numpy()
+        group["done"][f] = True
+    return len(slices)
+
+
+def build_store(out: Union[str, Path], model, frames, *, client=None, load: Optional[Callable] = None,
+                stack_path: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Compute every slice's features of ``frames`` (a FrameSource or (N, H, W[, C]) array)
+    and write them to ``out`` (a ``.sam2.zarr`` folder), replacing nothing until complete.
+
+    With a dask ``client`` the slices are tasks: ``stack_path`` (the file the workers read)
+    and ``load()`` (a picklable function giving the model on a worker) are then needed.
+    progress(done, total) after each slice (here) or each task (on a cluster).
+    """
+    import zarr
+
+    from .model.frames import FrameSource
+
+    frames = frames if isinstance(frames, FrameSource) else FrameSource(frames)
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it to build the store again")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    probe = _encode(model, frames, 0)
+    n = len(frames)
+    group = zarr.open_group(str(tmp), mode="w")
+    levels = [("image_embed", probe.image_embed)] + [(f"high_res_{k}", h) for k, h in enumerate(probe.high_res)]
+    for name, t in levels:
+        shape = tuple(t.shape[1:])
+        _create(group, name, (n, *shape), (1, *shape), "float32")
+    _create(group, "pos", tuple(probe.pos.shape[1:]), tuple(probe.pos.shape[1:]), "float32")
+    group["pos"][...] = probe.pos[0].cpu().numpy()
+    _create(group, "done", (n,), (n,), "bool")
+    group.attrs.update({"format": STORE_FORMAT, "version": STORE_VERSION, "model": model_identity(model),
+                        **_mapping(frames), "levels": [name for name, _ in levels]})
+    if client is None:
+        for f in range(n):
+            _write_slices(str(tmp), model, frames, [f])
+            if progress is not None:
+                progress(f + 1, n)
+    else:
+        if stack_path is None or load is None:
+            raise InputError("building a store on a cluster needs stack_path (read by the workers) and load()")
+        from distributed import as_completed
+
+        rng = frames.intensity_range
+        parts = [list(range(a, min(a + 8, n))) for a in range(0, n, 8)]
+        futures = client.map(_remote_slices, parts, path=str(tmp), stack_path=str(stack_path), load=load,
+                             intensity_range=rng, pure=False, retries=2)
+        done = 0
+        for fut in as_completed(futures):
+            done += fut.result()
+            if progress is not None:
+                progress(done, n)
+    if not bool(np.all(zarr.open_group(str(tmp), mode="r")["done"][:])):
+        raise RuntimeError(f"some slices of {out} were not computed")
+    os.replace(tmp, out)
+    return out
+
+
+def _create(group, name, shape, chunks, dtype):
+    if hasattr(group, "create_array"):  # zarr 3
+        return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype)
+    return group.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype)  # zarr 2
+
+
+def _remote_slices(slices, *, path, stack_path, load, intensity_range) -> int:
+    from .io import read_image
+    from .model.frames import FrameSource
+
+    frames = FrameSource(read_image(stack_path), intensity_range)
+    return _write_slices(path, load(), frames, slices)
+
+
+class FeatureStore:
+    """Features read from a store (see :func:`open_store`)."""
+
+    def __init__(self, path: Path, group, device) -> None:
+        self.path, self._group, self.device = path, group, device
+        self._levels = list(group.attrs["levels"])
+        self._pos = torch.from_numpy(np.asarray(group["pos"][...]))[None].to(device)
+
+    def __len__(self) -> int:
+        return int(self._group.attrs["shape"][0])
+
+    def features(self, frame: int):
+        """The slice's FrameFeatures, as the encoder gave them (float32)."""
+        from .model.sam2 import FrameFeatures
+
+        arrays = [torch.from_numpy(np.asarray(self._group[name][int(frame)]))[None].to(self.device)
+                  for name in self._levels]
+        return FrameFeatures(arrays[0], arrays[1:], self._pos)
+
+
+def open_store(path: Union[str, Path], model, frames) -> FeatureStore:
+    """Open a store for ``model`` and ``frames``; refused (InputError) when it was made with
+    another model, input size or intensity mapping, or for a stack of another shape."""
+    import zarr
+
+    from .model.frames import FrameSource
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no embedding store {path}")
+    frames = frames if isinstance(frames, FrameSource) else FrameSource(frames)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+    except Exception as err:  # not a zarr folder
+        raise InputError(f"{path} is not an embedding store ({type(err).__name__}: {err})") from None
+    if attrs.get("format") != STORE_FORMAT:
+        raise InputError(f"{path} is not a napari-sam2 embedding store")
+    want_model, have_model = model_identity(model), attrs.get("model", {})
+    for key, what in (("name", "model"), ("image_size", "input size"), ("weights_sha256", "weights")):
+        if want_model[key] != have_model.get(key):
+            raise InputError(f"the store {path} was made with another {what} ({have_model.get(key)}, this session "
+                             f"uses {want_model[key]}); build it again with this model (napari-sam2 embed)")
+    mapping = _mapping(frames)
+    if list(attrs.get("shape", [])) != mapping["shape"] or attrs.get("dtype") != mapping["dtype"]:
+        raise InputError(f"the store {path} belongs to a stack of shape {attrs.get('shape')} {attrs.get('dtype')}; "
+                         f"this one is {mapping['shape']} {mapping['dtype']}")
+    if not np.allclose(attrs.get("intensity_range", [np.nan] * 2), mapping["intensity_range"], rtol=0, atol=1e-9):
+        raise InputError(f"the store {path} was made with intensities {attrs.get('intensity_range')} mapped to "
+                         f"black..white, this session maps {mapping['intensity_range']}: use the same range, or build "
+                         "the store again")
+    return FeatureStore(path, group, model.device)
