@@ -100,7 +100,7 @@ def build_store(out: Union[str, Path], model, frames, *, client=None, load: Opti
         _create(group, name, (n, *shape), (1, *shape), "float32")
     _create(group, "pos", tuple(probe.pos.shape[1:]), tuple(probe.pos.shape[1:]), "float32")
     group["pos"][...] = probe.pos[0].cpu().numpy()
-    _create(group, "done", (n,), (n,), "bool")
+    _create(group, "done", (n,), (1,), "bool")  # one chunk per slice: workers never rewrite each other's
     group.attrs.update({"format": STORE_FORMAT, "version": STORE_VERSION, "model": model_identity(model),
                         **_mapping(frames), "levels": [name for name, _ in levels]})
     if client is None:
