@@ -12,7 +12,14 @@ import tifffile
 import torch
 from test_auto_stack import appearing_blob_stack, one_to_one
 
-from napari_sam2.batch import BatchSettings, plan_batch, process, read_points_csv, result_paths, run_batch
+from napari_sam2.batch import (
+    BatchSettings,
+    plan_batch,
+    process,
+    read_points_csv,
+    result_paths,
+    run_batch,
+)
 from napari_sam2.model import InputError
 
 # one torch thread everywhere: float32 sums then agree bit for bit between this process and the workers
@@ -172,3 +179,38 @@ def test_batch_reads_a_matching_store_and_refuses_another(tmp_path, one_thread):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "stored" / "s0_labels.tif"),
                                   tifffile.imread(tmp_path / "plain" / "s0_labels.tif"))
     assert stored[1].status == "failed" and "intensities" in stored[1].error
+
+
+def test_csv_from_a_spreadsheet_and_bad_values(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_bytes("\ufeffSlice, Y, X, Object, Positive\n3, 20, 10, 1, TRUE\n\n".encode("utf-8"))
+    assert read_points_csv(f, 5, (64, 64)) == {(3, 1): ([(10.0, 20.0)], [1])}
+    f.write_text("slice,y,x,object,positive\n3,20,10,1,1.0\n", encoding="utf-8")
+    with pytest.raises(InputError, match="line 2: positive must be 1 / 0"):
+        read_points_csv(f, 5, (64, 64))
+    f.write_text("slice,y,x,object,positive\n", encoding="utf-8")
+    with pytest.raises(InputError, match="holds no click"):
+        read_points_csv(f, 5, (64, 64))
+
+
+def test_plan_names_and_what_a_glob_leaves_out(tmp_path):
+    for name in ("img.001.tif", "img.002.tif", "img.001_seeds.tif", "b.ome.tif"):
+        (tmp_path / name).write_bytes(b"")
+    items = plan_batch([str(tmp_path / "*.tif")], tmp_path / "out", "seeds")
+    assert sorted(os.path.basename(i.output) for i in items) == ["b_labels.tif", "img.001_labels.tif",
+                                                                  "img.002_labels.tif"]
+    with pytest.raises(InputError, match="only {stem} and {dir}"):
+        plan_batch([str(tmp_path / "b.ome.tif")], tmp_path / "out", "points", source="{name}.csv")
+
+
+def test_a_finished_stack_is_made_again_when_its_run_changed(tmp_path, one_thread):
+    from dataclasses import replace
+
+    make_stacks(tmp_path / "in", n=1)
+    items = plan_batch([str(tmp_path / "in" / "s0.tif")], tmp_path / "out", "points")
+    assert run_batch(items, SETTINGS)[0].status == "done"
+    assert run_batch(items, SETTINGS)[0].status == "skipped"
+    assert run_batch(items, replace(SETTINGS, stop_after=None))[0].status == "done"  # other settings
+    (tmp_path / "in" / "s0.csv").write_text("slice,y,x,object,positive\n4,40,40,1,1\n", encoding="utf-8")
+    r = run_batch(items, replace(SETTINGS, stop_after=None))[0]
+    assert r.status == "done" and r.objects == 1  # an edited clicks file

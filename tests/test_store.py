@@ -79,3 +79,11 @@ def test_cli_embed_here_and_on_a_local_cluster(tmp_path):
     for f in range(10):
         torch.testing.assert_close(here.features(f).image_embed, there.features(f).image_embed, rtol=0, atol=1e-5)
     assert main(["embed", str(tmp_path / "st.tif")]) == 1  # exists: not replaced
+
+
+def test_a_store_of_another_stack_of_the_same_shape_is_refused(tmp_path, tiny):
+    image, _ = appearing_blob_stack(n=3, start=1, seed=33)
+    other, _ = appearing_blob_stack(n=3, start=1, seed=34)
+    out = build_store(tmp_path / "s.sam2.zarr", tiny, FrameSource(image, (0, 4000)))
+    with pytest.raises(InputError, match="another stack"):
+        open_store(out, tiny, FrameSource(other, (0, 4000)))

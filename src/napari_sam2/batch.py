@@ -15,7 +15,8 @@ Scale-out is dask.distributed's: :func:`run_batch` with ``workers=N`` starts a
 LocalCluster of N single-threaded processes, ``scheduler=ADDRESS`` joins a running
 cluster, ``client=`` takes a notebook's own client. Each worker loads the model once
 (:class:`ModelPlugin`), stacks are tasks, and the worker that computed a stack writes it.
-A worker that dies mid-stack leaves no file behind, and dask runs its task elsewhere.
+A worker that dies mid-stack leaves no finished-looking file (at most a hidden
+``.NAME.*.part`` temporary, which the next attempt removes), and dask runs its task elsewhere.
 """
 
 from __future__ import annotations
@@ -88,6 +89,15 @@ class BatchResult:
     worker: Optional[str] = None
 
 
+def stem_of(path) -> str:
+    """A file's name without its image suffix (``a.ome.tif`` -> ``a``; ``img.001.tif`` -> ``img.001``)."""
+    name = Path(path).name
+    for suffix in (".sam2.zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nii.gz", ".nii", ".png", ".jpg", ".jpeg"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
 def result_paths(output) -> Tuple[Path, Path]:
     """(label TIFF, provenance JSON) of an output: ``x_labels.tif`` -> ``x_labels.sam2-batch.json``."""
     from .io import tiff_path
@@ -114,23 +124,36 @@ def plan_batch(images: Sequence, out_dir, kind: str, *, source: Optional[str] = 
         hits = sorted(glob.glob(text)) if any(c in text for c in "*?[") else [text]
         if not hits:
             raise InputError(f"no file matches {text!r}")
-        paths += [Path(h) for h in hits]
+        paths += [Path(h).resolve() for h in hits]  # absolute: workers elsewhere read and write them
     if not paths:
         raise InputError("no input stacks given")
     defaults = {"points": "{dir}/{stem}.csv", "seeds": "{dir}/{stem}_seeds.tif"}
     if kind == "session" and not source:
         raise InputError("session prompts need the session file (--session FILE)")
     pattern = source or defaults.get(kind)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
+
+    def source_of(p: Path) -> Optional[str]:
+        if pattern is None:
+            return None
+        try:
+            return str(Path(pattern.format(stem=stem_of(p), dir=str(p.parent))).resolve())
+        except (KeyError, IndexError, ValueError) as err:
+            raise InputError(f"the prompts pattern {pattern!r} may hold only {{stem}} and {{dir}} ({err})") from None
+
+    # a glob may also match prompt files (seeds) or outputs of this batch: those are not stacks
+    sources = {source_of(p) for p in paths}
+    paths = [p for p in dict.fromkeys(paths) if str(p) not in sources and not
+             (p.parent == out and p.name.endswith("_labels.tif"))]
     items, seen = [], set()
     for p in paths:
-        stem = p.name.split(".")[0]
-        target = out / f"{stem}_labels.tif"
+        target = out / f"{stem_of(p)}_labels.tif"
         if target in seen:
             raise InputError(f"two inputs would write {target}: give stacks distinct names")
         seen.add(target)
-        src = None if pattern is None else pattern.format(stem=stem, dir=str(p.parent))
-        items.append(BatchItem(str(p), str(target), kind, src))
+        items.append(BatchItem(str(p), str(target), kind, source_of(p)))
+    if not items:
+        raise InputError("no input stacks left (the files given are prompt files or outputs of this batch)")
     return items
 
 
@@ -139,21 +162,30 @@ def read_points_csv(path, num_slices: int, hw: Tuple[int, int]) -> Dict[Tuple[in
     columns are ignored) -> {(slice, object): ([(x, y), ...], [1 or 0, ...])}."""
     need = ("slice", "y", "x", "object", "positive")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(f)
+            header = [h.strip().lower() for h in next(reader, [])]
+            rows = [dict(zip(header, (v.strip() for v in r))) for r in reader if any(v.strip() for v in r)]
     except FileNotFoundError:
         raise InputError(f"no points file {path}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"cannot read the points file {path}: {err}") from None
-    if not rows or any(c not in rows[0] for c in need):
-        raise InputError(f"the points file {path} needs a header with the columns {', '.join(need)}")
+    if any(c not in header for c in need):
+        raise InputError(f"the points file {path} needs a header with the columns {', '.join(need)} "
+                         f"(slices count from 0); it has {', '.join(header) or 'none'}")
+    if not rows:
+        raise InputError(f"the points file {path} holds no click")
+    truth = {"1": True, "true": True, "yes": True, "y": True, "t": True,
+             "0": False, "false": False, "no": False, "n": False, "f": False}
     out: Dict[Tuple[int, int], Tuple[list, list]] = {}
     for n, row in enumerate(rows, 2):
         try:
             z, y, x, obj = int(row["slice"]), float(row["y"]), float(row["x"]), int(row["object"])
-            pos = str(row["positive"]).strip().lower() in ("1", "true", "yes", "y", "t")
         except (TypeError, ValueError):
             raise InputError(f"{path}, line {n}: slice and object must be integers, y and x numbers") from None
+        pos = truth.get(str(row["positive"]).lower())
+        if pos is None:
+            raise InputError(f"{path}, line {n}: positive must be 1 / 0 (or true / false), got {row['positive']!r}")
         if not 0 <= z < num_slices or obj < 1:
             raise InputError(f"{path}, line {n}: slice {z} is outside the stack (0..{num_slices - 1}) "
                              "or the object is not a label >= 1")
@@ -169,6 +201,16 @@ def read_points_csv(path, num_slices: int, hw: Tuple[int, int]) -> Dict[Tuple[in
 
 
 _MODELS: Dict[tuple, object] = {}
+_IDENTITIES: Dict[int, dict] = {}
+
+
+def _identity(model) -> dict:
+    """The model's name, input size and weights hash (computed once per model object)."""
+    from .store import model_identity
+
+    if id(model) not in _IDENTITIES:
+        _IDENTITIES[id(model)] = model_identity(model)
+    return _IDENTITIES[id(model)]
 
 
 def get_model(settings: BatchSettings):
@@ -197,8 +239,9 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
     from .segmenter import write_masks
 
     rng = settings.intensity_range
+    two_d = image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))
     if item.kind == "auto":
-        if image.ndim == 2:
+        if two_d:
             return segment_slice(model, image, rng, fast=settings.fast, **settings.auto), {}
         params = {"stop_after_absent": settings.stop_after or None, **settings.auto}
         labels = segment_stack(model, image, rng, fast=settings.fast,
@@ -206,8 +249,9 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
         return labels, {"auto": {k: v for k, v in params.items()}}
     if item.kind == "session":
         return _replay_session(item, settings, model, image)
-    if image.ndim != 3:
-        raise InputError(f"{item.image}: a stack (N, H, W) is needed, got shape {image.shape}")
+    if two_d or not (image.ndim == 3 or (image.ndim == 4 and image.shape[-1] in (3, 4))):
+        raise InputError(f"{item.image}: clicks and seeds need a stack (N, H, W) or (N, H, W, RGB), got shape "
+                         f"{image.shape}")
     from .model.frames import FrameSource
     from .store import open_store, store_path
 
@@ -216,7 +260,7 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
     features = open_store(store, model, frames).features if store.exists() else None  # a mismatch is refused
     session = StackSession(model, frames, fast=settings.fast, compute_features=features)
     if item.kind == "points":
-        for (z, obj), (pts, labs) in sorted(read_points_csv(item.source, *_stack_shape(image)).items()):
+        for (z, obj), (pts, labs) in sorted(read_points_csv(item.source, image.shape[0], image.shape[1:3]).items()):
             session.add_points(z, obj, points=pts, labels=labs, clear=False)
     else:  # seeds
         from .io import read_image
@@ -224,20 +268,16 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
         if not Path(item.source).exists():
             raise InputError(f"no seeds file {item.source}")
         seeds = np.asarray(read_image(item.source))
-        if seeds.shape == image.shape[1:]:
+        if seeds.shape == image.shape[1:3]:
             session.add_labels(image.shape[0] // 2, seeds)
         else:
             session.add_label_volume(seeds)
-    labels = np.zeros(image.shape, np.uint32)
+    labels = np.zeros(image.shape[:3], np.uint32)
     for z, masks in session.propagate("both", stop_after_absent=settings.stop_after or None):
         write_masks(labels, (z,), masks)
         if on_slice is not None:
             on_slice(z)
     return labels, {}
-
-
-def _stack_shape(image: np.ndarray) -> Tuple[int, Tuple[int, int]]:
-    return image.shape[0], (image.shape[1], image.shape[2])
 
 
 def _replay_session(item: BatchItem, settings: BatchSettings, model, image) -> Tuple[np.ndarray, dict]:
@@ -259,6 +299,26 @@ def _replay_session(item: BatchItem, settings: BatchSettings, model, image) -> T
     return np.asarray(ann.labels), {"session": str(item.source)}
 
 
+def _run_record(item: BatchItem, settings: BatchSettings) -> dict:
+    """What decides a stack's result besides the model's weights: the input (its size and
+    modification time), the prompts (and their file's), the settings."""
+    def stamp(path):
+        st = Path(path).stat() if path and Path(path).exists() else None
+        return None if st is None else [st.st_size, st.st_mtime_ns]
+
+    return {"image": stamp(item.image), "prompts": [item.kind, item.source, stamp(item.source)],
+            "model": [settings.model, settings.checkpoint],
+            "settings": {k: v for k, v in asdict(settings).items() if k not in ("model", "checkpoint", "threads")}}
+
+
+def _same_run(meta: Path, item: BatchItem, settings: BatchSettings) -> bool:
+    """Whether the finished result at ``meta`` came from this very run (else it is redone)."""
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("run") == json.loads(json.dumps(_run_record(item, settings)))
+    except (OSError, ValueError):
+        return False
+
+
 def process(item: BatchItem, settings: BatchSettings, *, model=None,
             on_slice: Optional[Callable[[int], None]] = None) -> BatchResult:
     """Segment one stack and write its label TIFF, then its provenance JSON (both atomically).
@@ -267,7 +327,7 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
     from .io import atomic_write, read_image, write_labels
 
     tif, meta = result_paths(item.output)
-    if meta.exists() and tif.exists():
+    if meta.exists() and tif.exists() and _same_run(meta, item, settings):
         return BatchResult(item.image, str(tif), "skipped")
     t0 = time.perf_counter()
     try:
@@ -281,17 +341,19 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
         labels, extra = _segment(item, settings, model, image, on_slice)
         top = int(labels.max()) if labels.size else 0
         labels = labels.astype(np.uint16) if top <= np.iinfo(np.uint16).max else labels
+        for stale in [*tif.parent.glob(f".{tif.name}.*.part"), *meta.parent.glob(f".{meta.name}.*.part")]:
+            stale.unlink(missing_ok=True)  # left by a worker that died while writing
         write_labels(tif, labels, overwrite=True)
-        objects = len(np.unique(labels)) - 1
+        objects = int(np.count_nonzero(np.unique(labels)))
         seconds = time.perf_counter() - t0
         record = {
             "format": PROVENANCE_FORMAT, "napari_sam2": __version__,
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "image": str(item.image), "labels": str(tif), "prompts": {"kind": item.kind, "source": item.source, **extra},
-            "model": {"name": getattr(getattr(model, "config", None), "name", settings.model),
-                      "checkpoint": settings.checkpoint},
+            "model": {**_identity(model), "checkpoint": settings.checkpoint},
             "settings": {k: v for k, v in asdict(settings).items() if k not in ("model", "checkpoint")},
             "shape": list(labels.shape), "objects": objects, "seconds": round(seconds, 3),
+            "run": _run_record(item, settings),
         }
         text = json.dumps(record, indent=1)
         atomic_write(meta, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what="the provenance record")
@@ -305,7 +367,7 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
 # ---------------------------------------------------------------------- many stacks
 
 
-def ModelPlugin(settings: BatchSettings):  # noqa: N802 (builds a class instance; distributed is imported late)
+def ModelPlugin(settings: BatchSettings):  # a function: distributed is imported late
     """A dask worker plugin: each worker process loads the settings' model once, when it starts."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -318,8 +380,8 @@ def ModelPlugin(settings: BatchSettings):  # noqa: N802 (builds a class instance
         def setup(self, worker) -> None:
             get_model(self.settings)
 
-        def teardown(self, worker) -> None:
-            _MODELS.pop(self.settings.key(), None)
+        # no teardown: registering the plugin again (a later batch on the same client) keeps
+        # the loaded model, instead of loading it once more on every worker
 
     return _ModelPlugin(settings)
 
@@ -373,7 +435,9 @@ def run_batch(items: Sequence[BatchItem], settings: BatchSettings, *, workers: i
         if settings.threads == 0 and own_cluster is not None:
             settings = _with_threads(settings, 1)  # one torch thread per single-threaded worker process
         _register(client, ModelPlugin(settings))
-        futures = client.map(_task, items, settings=settings, pure=False, retries=2)
+        # no retries: a stack's own failure is a result, not an exception; a worker that dies
+        # is handled by the scheduler, which runs its task elsewhere
+        futures = client.map(_task, items, settings=settings, pure=False)
         index = {f.key: k for k, f in enumerate(futures)}
         results: List[Optional[BatchResult]] = [None] * total
         for done, fut in enumerate(as_completed(futures), 1):

@@ -125,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("inputs", nargs="+", help="stacks: paths or quoted glob patterns (e.g. 'plate1/*.tif')")
     b.add_argument("-o", "--out-dir", type=Path, required=True, help="folder for the label TIFFs and JSONs")
     how = b.add_mutually_exclusive_group(required=True)
-    how.add_argument("--auto", action="store_true", help="segment everything (napari-sam2 auto's defaults)")
+    how.add_argument("--auto", action="store_true",
+                     help="segment everything (napari-sam2 auto's defaults, but --stop-after applies: 3 unless given)")
     how.add_argument("--points", nargs="?", const="{dir}/{stem}.csv", metavar="PATTERN",
-                     help="clicks CSV per stack with columns slice,y,x,object,positive (default {dir}/{stem}.csv)")
+                     help="clicks CSV per stack with columns slice,y,x,object,positive, slices from 0 "
+                          "(default {dir}/{stem}.csv; give a pattern as --points=PATTERN)")
     how.add_argument("--seeds", nargs="?", const="{dir}/{stem}_seeds.tif", metavar="PATTERN",
-                     help="label image per stack whose objects are prompts (default {dir}/{stem}_seeds.tif); "
-                          "a 2D one prompts the middle slice")
+                     help="label image per stack whose objects are prompts (default {dir}/{stem}_seeds.tif; "
+                          "give a pattern as --seeds=PATTERN); a 2D one prompts the middle slice")
     how.add_argument("--session", metavar="FILE", help="a saved .sam2.json whose prompts and propagations run on every stack")
     b.add_argument("--workers", type=int, default=0, help="start a dask LocalCluster of N worker processes")
     b.add_argument("--scheduler", help="use a running dask.distributed scheduler (e.g. tcp://host:8786)")
@@ -479,6 +481,9 @@ def _batch(args) -> int:
         raise InputError(f"--stop-after must be 0 (never stop) or a number of slices, got {args.stop_after}")
     if args.workers < 0:
         raise InputError(f"--workers must be 0 (here) or more, got {args.workers}")
+    from .model.devices import pick_device
+
+    args.device = str(pick_device(args.device))  # an unknown or absent device is refused here, in one line
     if args.auto:
         kind, source = "auto", None
     elif args.points:
@@ -506,9 +511,16 @@ def _batch(args) -> int:
         print(f"[{done}/{total}] {r.image} -> {r.output}: {what}", file=sys.stderr if r.status == "failed" else sys.stdout,
               flush=True)
 
-    results = run_batch(items, settings, workers=args.workers, scheduler=args.scheduler, on_result=on_result,
-                        on_slice=lambda z: bar(counts["done"] + counts["skipped"] + counts["failed"], len(items), z),
-                        on_dashboard=lambda link: print(f"dask dashboard: {link}", flush=True))
+    try:
+        results = run_batch(items, settings, workers=args.workers, scheduler=args.scheduler, on_result=on_result,
+                            on_slice=lambda z: bar(counts["done"] + counts["skipped"] + counts["failed"], len(items), z),
+                            on_dashboard=lambda link: print(f"dask dashboard: {link}", flush=True))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {counts['done'] + counts['skipped']} stacks finished; run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
+    except (OSError, TimeoutError) as err:  # a scheduler that cannot be reached
+        raise InputError(f"cannot reach the dask scheduler {args.scheduler or '(local)'}: {err}") from None
     print(f"{counts['done']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed "
           f"of {len(results)} stacks")
     return 1 if counts["failed"] else 0
@@ -518,11 +530,17 @@ def _embed(args) -> int:
     import functools
 
     from .batch import BatchSettings, get_model
+    from .model import InputError
     from .model.frames import FrameSource
     from .store import build_store, store_path
 
     _check_model(args.model)
     _check_checkpoint(args.checkpoint)
+    if args.workers < 0:
+        raise InputError(f"--workers must be 0 (here) or more, got {args.workers}")
+    from .model.devices import pick_device
+
+    args.device = str(pick_device(args.device))
     out = args.out or store_path(args.stack)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it to build the store again")
@@ -545,8 +563,10 @@ def _embed(args) -> int:
                                        dashboard_address=":0", silence_logs=logging.WARNING)
                 client = Client(cluster)
             print(f"dask dashboard: {client.dashboard_link}", flush=True)
-        build_store(out, model, frames, client=client, stack_path=str(args.stack),
+        build_store(out, model, frames, client=client, stack_path=str(args.stack.resolve()),
                     load=functools.partial(get_model, settings), progress=lambda d, n: bar(d, n, d - 1))
+    except (OSError, TimeoutError, RuntimeError) as err:  # an unreachable scheduler, a folder not writable
+        raise InputError(f"could not build {out}: {err}") from None
     finally:
         if bar.drawn:
             print(file=sys.stderr)

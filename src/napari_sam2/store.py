@@ -33,8 +33,10 @@ STORE_VERSION = 1
 
 def store_path(stack_path: Union[str, Path]) -> Path:
     """``stack.tif`` -> ``stack.sam2.zarr`` beside it."""
+    from .batch import stem_of
+
     p = Path(stack_path)
-    return p.with_name(p.name.split(".")[0] + ".sam2.zarr")
+    return p.with_name(stem_of(p) + ".sam2.zarr")
 
 
 def model_identity(model) -> dict:
@@ -48,8 +50,15 @@ def model_identity(model) -> dict:
 
 
 def _mapping(frames) -> dict:
-    return {"intensity_range": [float(v) for v in frames.intensity_range], "shape": [len(frames), *frames.shape],
-            "dtype": str(np.dtype(frames.dtype))}
+    """The intensity mapping and what the stack is: shape (channels included), dtype, and a
+    hash of its first, middle and last slices (another stack of the same shape differs)."""
+    n = len(frames)
+    h = hashlib.sha256()
+    for f in sorted({0, n // 2, n - 1}):
+        h.update(np.ascontiguousarray(frames.read(f)).tobytes())
+    shape = [n, *np.shape(frames.frames)[1:]]
+    return {"intensity_range": [float(v) for v in frames.intensity_range], "shape": shape,
+            "dtype": str(np.dtype(frames.dtype)), "slices_sha256": h.hexdigest()}
 
 
 def _encode(model, frames, frame: int):
@@ -80,7 +89,6 @@ def build_store(out: Union[str, Path], model, frames, *, client=None, load: Opti
     and ``load()`` (a picklable function giving the model on a worker) are then needed.
     progress(done, total) after each slice (here) or each task (on a cluster).
     """
-    import zarr
 
     from .model.frames import FrameSource
 
@@ -91,6 +99,16 @@ def build_store(out: Union[str, Path], model, frames, *, client=None, load: Opti
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        return _build(out, tmp, model, frames, client, load, stack_path, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted build leaves nothing behind
+        raise
+
+
+def _build(out: Path, tmp: Path, model, frames, client, load, stack_path, progress) -> Path:
+    import zarr
+
     probe = _encode(model, frames, 0)
     n = len(frames)
     group = zarr.open_group(str(tmp), mode="w")
@@ -135,10 +153,11 @@ def _create(group, name, shape, chunks, dtype):
 
 
 def _remote_slices(slices, *, path, stack_path, load, intensity_range) -> int:
-    from .io import read_image
+    from .io import TiffStack, read_image
     from .model.frames import FrameSource
 
-    frames = FrameSource(read_image(stack_path), intensity_range)
+    tiff = str(stack_path).lower().endswith((".tif", ".tiff"))
+    frames = FrameSource(TiffStack(stack_path) if tiff else read_image(stack_path), intensity_range)  # slice by slice
     return _write_slices(path, load(), frames, slices)
 
 
@@ -147,7 +166,7 @@ class FeatureStore:
 
     def __init__(self, path: Path, group, device) -> None:
         self.path, self._group, self.device = path, group, device
-        self._levels = list(group.attrs["levels"])
+        self._levels = [group[name] for name in group.attrs["levels"]]
         self._pos = torch.from_numpy(np.asarray(group["pos"][...]))[None].to(device)
 
     def __len__(self) -> int:
@@ -157,8 +176,7 @@ class FeatureStore:
         """The slice's FrameFeatures, as the encoder gave them (float32)."""
         from .model.sam2 import FrameFeatures
 
-        arrays = [torch.from_numpy(np.asarray(self._group[name][int(frame)]))[None].to(self.device)
-                  for name in self._levels]
+        arrays = [torch.from_numpy(np.asarray(a[int(frame)]))[None].to(self.device) for a in self._levels]
         return FrameFeatures(arrays[0], arrays[1:], self._pos)
 
 
@@ -189,6 +207,9 @@ def open_store(path: Union[str, Path], model, frames) -> FeatureStore:
     if list(attrs.get("shape", [])) != mapping["shape"] or attrs.get("dtype") != mapping["dtype"]:
         raise InputError(f"the store {path} belongs to a stack of shape {attrs.get('shape')} {attrs.get('dtype')}; "
                          f"this one is {mapping['shape']} {mapping['dtype']}")
+    if attrs.get("slices_sha256") != mapping["slices_sha256"]:
+        raise InputError(f"the store {path} was made from another stack (its slices differ from this one's); build "
+                         "it again for this stack")
     if not np.allclose(attrs.get("intensity_range", [np.nan] * 2), mapping["intensity_range"], rtol=0, atol=1e-9):
         raise InputError(f"the store {path} was made with intensities {attrs.get('intensity_range')} mapped to "
                          f"black..white, this session maps {mapping['intensity_range']}: use the same range, or build "
