@@ -87,3 +87,25 @@ def test_a_store_of_another_stack_of_the_same_shape_is_refused(tmp_path, tiny):
     out = build_store(tmp_path / "s.sam2.zarr", tiny, FrameSource(image, (0, 4000)))
     with pytest.raises(InputError, match="another stack"):
         open_store(out, tiny, FrameSource(other, (0, 4000)))
+
+
+def test_the_annotator_reads_a_matching_store_and_says_so(tmp_path, tiny):
+    """The controller (what the widget drives) reads a matching store: the same labels as
+    without it; a store for another contrast is not used, and the user is told either way."""
+    from napari_sam2.controller import Annotator
+
+    image, _ = appearing_blob_stack(n=6, start=3, seed=35)
+    path = build_store(tmp_path / "s.sam2.zarr", tiny, FrameSource(image, (400, 4000)))
+    results = {}
+    for name, kwargs in (("none", {}), ("store", {"feature_store": path}),
+                         ("other contrast", {"feature_store": path, "intensity_range": (0, 5000)})):
+        kwargs.setdefault("intensity_range", (400, 4000))
+        ann = Annotator(tiny, image, axis=0, displayed=(1, 2), **kwargs)
+        said = []
+        ann.on_notify = lambda level, text, said=said: said.append(text)
+        ann.sync_slice((2, 0, 0), clicks=[((2, 40.0, 40.0), True, 1)])
+        ann.propagate((2, 0, 0))
+        results[name] = (np.array(ann.labels), " ".join(said))
+    np.testing.assert_array_equal(results["store"][0], results["none"][0])
+    assert "read from" in results["store"][1] and "store" not in results["none"][1]
+    assert "computed instead" in results["other contrast"][1]

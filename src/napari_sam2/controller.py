@@ -906,6 +906,8 @@ class Annotator:
                                              on_error=self._failed("preparing slices", quiet=True)))
 
     def _report_nonfinite(self) -> None:
+        for text in self.segmenter.new_messages():  # the embedding store: used, refused or dropped
+            self.on_notify("info", f"napari-sam2: {text}")
         news = self.segmenter.new_nonfinite_slices()
         if news:
             where = ", ".join(str(f) for _, f in news[:10]) + (" …" if len(news) > 10 else "")

@@ -60,6 +60,7 @@ class StackSegmenter:
         intensity_range: Optional[Sequence[float]] = None,
         orientations: int = 1,
         nonfinite: str = "error",
+        feature_store=None,
         **session_kwargs,
     ) -> None:
         orientations = check_orientations(orientations)
@@ -77,6 +78,9 @@ class StackSegmenter:
         self.orientations = orientations
         self.session_kwargs = session_kwargs
         self.nonfinite = nonfinite
+        self.feature_store = feature_store  # an embedding store of the whole stack (napari_sam2.store)
+        self._store_sessions: set = set()  # sessions reading it
+        self._messages: List[str] = []
         self.sessions: "OrderedDict[tuple, Session]" = OrderedDict()
         self.lock = threading.RLock()
         self._reported_nonfinite: set = set()
@@ -106,10 +110,38 @@ class StackSegmenter:
         with self.lock:
             if k not in self.sessions:
                 frames = FrameSource(self.view(position), self.intensity_range, nonfinite=self.nonfinite)
-                self.sessions[k] = open_session(self.model, frames, orientations=self.orientations, **self.session_kwargs)
+                kwargs = dict(self.session_kwargs)
+                features = self._store_features(k, frames)
+                if features is not None:
+                    kwargs["compute_features"] = features
+                self.sessions[k] = open_session(self.model, frames, orientations=self.orientations, **kwargs)
                 self._evict()
             self.sessions.move_to_end(k)
             return self.sessions[k]
+
+    def _store_features(self, key: tuple, frames):
+        """The store's features for a new session, when it matches (else None, with a message)."""
+        if self.feature_store is None:
+            return None
+        if self.orientations != 1 or key != ():
+            self._messages.append("the embedding store is used with 1 orientation on a 3D stack only; "
+                                  "features are computed")
+            return None
+        from .store import open_store
+
+        try:
+            store = open_store(self.feature_store, self.model, frames)
+        except InputError as err:
+            self._messages.append(f"{err}; features are computed instead")
+            return None
+        self._store_sessions.add(key)
+        self._messages.append(f"slice features are read from {self.feature_store}")
+        return store.features
+
+    def new_messages(self) -> List[str]:
+        """What happened to the embedding store since the last call (used, refused, dropped)."""
+        out, self._messages = self._messages, []
+        return out
 
     def _evict(self) -> None:
         """Bound memory while the viewer scrolls through fixed axes: beyond the most recent
@@ -129,9 +161,15 @@ class StackSegmenter:
         dropped; masks and memories computed before keep what they were made with)."""
         with self.lock:
             self.intensity_range = tuple(float(v) for v in intensity_range)
-            for s in self.sessions.values():
+            for k, s in self.sessions.items():
                 s.frames.set_intensity_range(self.intensity_range)
                 s.clear_features()
+                if k in self._store_sessions:  # the store's features hold the old mapping
+                    s.use_features(None)
+                    self._store_sessions.discard(k)
+                    self._messages.append("the contrast changed, so the embedding store no longer matches; "
+                                          "features are computed from now on")
+            self.feature_store = None if not self._store_sessions else self.feature_store
 
     def set_fast(self, fast: bool) -> None:
         """bfloat16 (True) or float32 for slices computed from now on."""

@@ -335,6 +335,12 @@ class StackSession(SessionCommon):
             self.features.put(frame, feats)
         return feats
 
+    def use_features(self, compute_features: Optional[Callable[[int], FrameFeatures]]) -> None:
+        """Where slice features come from from now on (None: the image encoder); the cache is
+        dropped (e.g. an embedding store that no longer matches the intensity mapping)."""
+        self._compute_features = compute_features
+        self.features.clear()
+
     def encode_frame(self, frame: int) -> FrameFeatures:
         """Features of one slice through the model's image encoder (float32, not cached)."""
         x = self.frames.model_input(frame, self.model.image_size).to(self.device)

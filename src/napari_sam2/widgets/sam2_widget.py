@@ -464,8 +464,13 @@ class SAM2Widget(Container):
                                                  dims.axis_labels if dims.ndim == nd else ())
         if axis is not None:
             self._stop_after.value = 0 if axes[axis:axis + 1] == "T" else 3
+        from ..store import store_path
+
+        source = getattr(getattr(layer, "source", None), "path", None)
+        store = store_path(source) if source and nd == 3 else None  # napari-sam2 embed's output beside the file
         self._controller = ann = Annotator(
             model, layer.data, rgb=layer.rgb, axis=axis, displayed=displayed, labels=self._labels.data,
+            feature_store=store if store is not None and store.exists() else None,
             intensity_range=None if layer.rgb else tuple(layer.contrast_limits), fast=self._fast.value,
             orientations=self._orientations.value, nonfinite="background", stop_after=self._stop_after.value or None,
             executor=NapariExecutor(),
