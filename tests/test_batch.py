@@ -50,20 +50,24 @@ def outputs(out_dir):
     return {p.name: tifffile.imread(p) for p in sorted(out_dir.glob("*.tif"))}
 
 
-def test_points_csv_is_read_and_checked(tmp_path):
+@pytest.mark.parametrize(("text", "expected"), [
+    ("x,y,slice,object,positive,note\n10,20,3,1,1,a\n11,21,3,1,0,b\n5,6,1,2,yes,c\n",
+     {(3, 1): ([(10.0, 20.0), (11.0, 21.0)], [1, 0]), (1, 2): ([(5.0, 6.0)], [1])}),
+    ("\ufeffSlice, Y, X, Object, Positive\n3, 20, 10, 1, TRUE\n\n", {(3, 1): ([(10.0, 20.0)], [1])}),  # a spreadsheet's
+    ("slice,y,x,object\n1,2,3,1\n", "positive"),
+    ("slice,y,x,object,positive\n9,2,3,1,1\n", "line 2: slice 9 is outside"),
+    ("slice,y,x,object,positive\n1,200,3,1,1\n", "outside the slices"),
+    ("slice,y,x,object,positive\n3,20,10,1,1.0\n", "line 2: positive must be 1 / 0"),
+    ("slice,y,x,object,positive\n", "holds no click"),
+])
+def test_points_csv_is_read_and_checked(tmp_path, text, expected):
     f = tmp_path / "p.csv"
-    f.write_text("x,y,slice,object,positive,note\n10,20,3,1,1,a\n11,21,3,1,0,b\n5,6,1,2,yes,c\n", encoding="utf-8")
-    assert read_points_csv(f, 5, (64, 64)) == {(3, 1): ([(10.0, 20.0), (11.0, 21.0)], [1, 0]),
-                                               (1, 2): ([(5.0, 6.0)], [1])}
-    f.write_text("slice,y,x,object\n1,2,3,1\n", encoding="utf-8")
-    with pytest.raises(InputError, match="positive"):
-        read_points_csv(f, 5, (64, 64))
-    f.write_text("slice,y,x,object,positive\n9,2,3,1,1\n", encoding="utf-8")
-    with pytest.raises(InputError, match="line 2: slice 9 is outside"):
-        read_points_csv(f, 5, (64, 64))
-    f.write_text("slice,y,x,object,positive\n1,200,3,1,1\n", encoding="utf-8")
-    with pytest.raises(InputError, match="outside the slices"):
-        read_points_csv(f, 5, (64, 64))
+    f.write_bytes(text.encode("utf-8"))
+    if isinstance(expected, dict):
+        assert read_points_csv(f, 5, (64, 64)) == expected
+    else:
+        with pytest.raises(InputError, match=expected):
+            read_points_csv(f, 5, (64, 64))
 
 
 def test_serial_batch_writes_labels_and_provenance_and_resumes(tmp_path, one_thread):
@@ -179,18 +183,6 @@ def test_batch_reads_a_matching_store_and_refuses_another(tmp_path, one_thread):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "stored" / "s0_labels.tif"),
                                   tifffile.imread(tmp_path / "plain" / "s0_labels.tif"))
     assert stored[1].status == "failed" and "intensities" in stored[1].error
-
-
-def test_csv_from_a_spreadsheet_and_bad_values(tmp_path):
-    f = tmp_path / "p.csv"
-    f.write_bytes("\ufeffSlice, Y, X, Object, Positive\n3, 20, 10, 1, TRUE\n\n".encode("utf-8"))
-    assert read_points_csv(f, 5, (64, 64)) == {(3, 1): ([(10.0, 20.0)], [1])}
-    f.write_text("slice,y,x,object,positive\n3,20,10,1,1.0\n", encoding="utf-8")
-    with pytest.raises(InputError, match="line 2: positive must be 1 / 0"):
-        read_points_csv(f, 5, (64, 64))
-    f.write_text("slice,y,x,object,positive\n", encoding="utf-8")
-    with pytest.raises(InputError, match="holds no click"):
-        read_points_csv(f, 5, (64, 64))
 
 
 def test_plan_names_and_what_a_glob_leaves_out(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from _stacks import drain_qt_workers  # noqa: F401 (an autouse fixture)
 from test_auto_stack import appearing_blob_stack, one_to_one
+from test_widget_objects import start
 
 from napari_sam2.widgets import sam2_widget as sw
 
@@ -25,12 +26,7 @@ def test_segment_all_buttons(make_napari_viewer, qtbot, nano, monkeypatch):
     monkeypatch.setattr(sw, "_notify_error", errors.append)
     image, truth = appearing_blob_stack(seed=6)
     viewer = make_napari_viewer()
-    layer = viewer.add_image(image)
-    widget = sw.SAM2Widget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.configure(image=layer, loaded_model=nano, orientations=1)
-    widget.start()
-    qtbot.waitUntil(lambda: not widget.is_busy and widget.session_started, timeout=TIMEOUT)
+    _layer, widget = start(viewer, qtbot, nano, image)
     step = list(viewer.dims.current_step)
     step[0] = 12
     viewer.dims.current_step = tuple(step)

@@ -56,6 +56,16 @@ def _add_orientations(parser: argparse.ArgumentParser) -> None:
                              "(default: 8 for the bundled nano model, 1 for Meta's models)")
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --checkpoint, --range, --fast, --device, --overwrite (segment, auto)."""
+    p.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
+    p.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: bundled, or download the official one)")
+    p.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
+    p.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-sam2", description="Segment Anything 2 for microscopy images and stacks")
     from . import __version__
@@ -82,12 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative", type=_parse_xy, action="append", default=[],
                    help="negative click X,Y (column,row pixels; repeatable)")
     s.add_argument("--box", type=_parse_box, help="box X0,Y0,X1,Y1")
-    s.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
-    s.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: bundled, or download the official one)")
-    s.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
-    s.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_model_options(s)
 
     a = sub.add_parser(
         "auto", help="segment every object of a 2D image, a z-stack or a time-lapse automatically, write a label TIFF",
@@ -97,9 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("image", type=Path, help="a TIFF stack (N, H, W), or a 2D image (H, W)")
     a.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write (uint16, or uint32 if needed)")
-    a.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
-    a.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: bundled, or download the official one)")
-    a.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
     a.add_argument("--every", type=int, default=4, help="look for new objects every N slices (default 4)")
     a.add_argument("--key-slice", type=int, help="the slice proposals start on (default: the middle)")
     a.add_argument("--covered", type=float, default=0.5,
@@ -110,9 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--stability", type=float, default=0.6, help="stability score a proposal needs (default 0.6)")
     a.add_argument("--pred-iou", type=float, default=0.0, help="predicted IoU a proposal needs (default 0: any)")
     a.add_argument("--min-area", type=int, default=16, help="smallest object in pixels of a slice (default 16)")
-    a.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
-    a.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_model_options(a)
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
     b = sub.add_parser(
