@@ -109,3 +109,18 @@ def test_the_annotator_reads_a_matching_store_and_says_so(tmp_path, tiny):
     np.testing.assert_array_equal(results["store"][0], results["none"][0])
     assert "read from" in results["store"][1] and "store" not in results["none"][1]
     assert "computed instead" in results["other contrast"][1]
+
+
+def test_a_store_refused_for_the_start_contrast_is_used_once_the_contrast_matches(tmp_path, tiny):
+    from napari_sam2.controller import Annotator
+
+    image, _ = appearing_blob_stack(n=4, start=2, seed=36)
+    path = build_store(tmp_path / "s.sam2.zarr", tiny, FrameSource(image, (400, 4000)))
+    ann = Annotator(tiny, image, axis=0, displayed=(1, 2), feature_store=path, intensity_range=(0, 5000))
+    said = []
+    ann.on_notify = lambda level, text: said.append(text)
+    ann.sync_slice((1, 0, 0), clicks=[((1, 40.0, 40.0), True, 1)])
+    assert "computed instead" in " ".join(said)
+    ann.set_intensity_range((400, 4000))
+    ann.sync_slice((1, 0, 0), clicks=[((1, 40.0, 40.0), True, 1), ((1, 42.0, 40.0), True, 1)])
+    assert "read from" in said[-1], said

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import csv
 import datetime
+import glob as globmod
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,27 +126,28 @@ def plan_batch(images: Sequence, out_dir, kind: str, *, source: Optional[str] = 
         hits = sorted(glob.glob(text)) if any(c in text for c in "*?[") else [text]
         if not hits:
             raise InputError(f"no file matches {text!r}")
-        paths += [Path(h).resolve() for h in hits]  # absolute: workers elsewhere read and write them
+        paths += [Path(os.path.abspath(h)) for h in hits]  # absolute (links kept): workers elsewhere use them
     if not paths:
         raise InputError("no input stacks given")
     defaults = {"points": "{dir}/{stem}.csv", "seeds": "{dir}/{stem}_seeds.tif"}
     if kind == "session" and not source:
         raise InputError("session prompts need the session file (--session FILE)")
     pattern = source or defaults.get(kind)
-    out = Path(out_dir).resolve()
+    out = Path(os.path.abspath(out_dir))
 
     def source_of(p: Path) -> Optional[str]:
         if pattern is None:
             return None
         try:
-            return str(Path(pattern.format(stem=stem_of(p), dir=str(p.parent))).resolve())
+            return os.path.abspath(pattern.format(stem=stem_of(p), dir=str(p.parent)))
         except (KeyError, IndexError, ValueError) as err:
             raise InputError(f"the prompts pattern {pattern!r} may hold only {{stem}} and {{dir}} ({err})") from None
 
     # a glob may also match prompt files (seeds) or outputs of this batch: those are not stacks
     sources = {source_of(p) for p in paths}
-    paths = [p for p in dict.fromkeys(paths) if str(p) not in sources and not
-             (p.parent == out and p.name.endswith("_labels.tif"))]
+    made_here = (".sam2.zarr", ".sam2.json", ".sam2-batch.json")  # stores, sessions, provenance: not stacks
+    paths = [p for p in dict.fromkeys(paths) if str(p) not in sources and not p.name.endswith(made_here)
+             and not (p.parent == out and p.name.endswith("_labels.tif"))]
     items, seen = [], set()
     for p in paths:
         target = out / f"{stem_of(p)}_labels.tif"
@@ -165,7 +168,7 @@ def read_points_csv(path, num_slices: int, hw: Tuple[int, int]) -> Dict[Tuple[in
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.reader(f)
             header = [h.strip().lower() for h in next(reader, [])]
-            rows = [dict(zip(header, (v.strip() for v in r))) for r in reader if any(v.strip() for v in r)]
+            rows = [(reader.line_num, [v.strip() for v in r]) for r in reader if any(v.strip() for v in r)]
     except FileNotFoundError:
         raise InputError(f"no points file {path}") from None
     except (OSError, UnicodeDecodeError, csv.Error) as err:
@@ -178,7 +181,10 @@ def read_points_csv(path, num_slices: int, hw: Tuple[int, int]) -> Dict[Tuple[in
     truth = {"1": True, "true": True, "yes": True, "y": True, "t": True,
              "0": False, "false": False, "no": False, "n": False, "f": False}
     out: Dict[Tuple[int, int], Tuple[list, list]] = {}
-    for n, row in enumerate(rows, 2):
+    for n, cells in rows:
+        if len(cells) < len(header):
+            raise InputError(f"{path}, line {n}: expected {len(header)} values ({', '.join(header)}), got {len(cells)}")
+        row = dict(zip(header, cells))
         try:
             z, y, x, obj = int(row["slice"]), float(row["y"]), float(row["x"]), int(row["object"])
         except (TypeError, ValueError):
@@ -201,16 +207,13 @@ def read_points_csv(path, num_slices: int, hw: Tuple[int, int]) -> Dict[Tuple[in
 
 
 _MODELS: Dict[tuple, object] = {}
-_IDENTITIES: Dict[int, dict] = {}
 
 
 def _identity(model) -> dict:
-    """The model's name, input size and weights hash (computed once per model object)."""
+    """The model's name, input size and weights hash."""
     from .store import model_identity
 
-    if id(model) not in _IDENTITIES:
-        _IDENTITIES[id(model)] = model_identity(model)
-    return _IDENTITIES[id(model)]
+    return model_identity(model)
 
 
 def get_model(settings: BatchSettings):
@@ -341,7 +344,8 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
         labels, extra = _segment(item, settings, model, image, on_slice)
         top = int(labels.max()) if labels.size else 0
         labels = labels.astype(np.uint16) if top <= np.iinfo(np.uint16).max else labels
-        for stale in [*tif.parent.glob(f".{tif.name}.*.part"), *meta.parent.glob(f".{meta.name}.*.part")]:
+        for stale in [*tif.parent.glob(f".{globmod.escape(tif.name)}.*.part"),
+                      *meta.parent.glob(f".{globmod.escape(meta.name)}.*.part")]:
             stale.unlink(missing_ok=True)  # left by a worker that died while writing
         write_labels(tif, labels, overwrite=True)
         objects = int(np.count_nonzero(np.unique(labels)))

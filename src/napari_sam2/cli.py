@@ -483,7 +483,9 @@ def _batch(args) -> int:
         raise InputError(f"--workers must be 0 (here) or more, got {args.workers}")
     from .model.devices import pick_device
 
-    args.device = str(pick_device(args.device))  # an unknown or absent device is refused here, in one line
+    checked = str(pick_device(args.device))  # an unknown or absent device is refused here, in one line
+    if not args.scheduler:  # on a remote cluster each worker resolves "auto" itself
+        args.device = checked
     if args.auto:
         kind, source = "auto", None
     elif args.points:
@@ -519,8 +521,10 @@ def _batch(args) -> int:
         print(f"\ninterrupted: {counts['done'] + counts['skipped']} stacks finished; run the same command again to "
               "resume", file=sys.stderr)
         return 130
-    except (OSError, TimeoutError) as err:  # a scheduler that cannot be reached
-        raise InputError(f"cannot reach the dask scheduler {args.scheduler or '(local)'}: {err}") from None
+    except (OSError, TimeoutError) as err:
+        if not (args.scheduler or args.workers):
+            raise InputError(str(err)) from None  # e.g. a checkpoint that cannot be read or fetched
+        raise InputError(f"the dask cluster ({args.scheduler or 'local'}) failed: {err}") from None
     print(f"{counts['done']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed "
           f"of {len(results)} stacks")
     return 1 if counts["failed"] else 0
@@ -565,7 +569,7 @@ def _embed(args) -> int:
             print(f"dask dashboard: {client.dashboard_link}", flush=True)
         build_store(out, model, frames, client=client, stack_path=str(args.stack.resolve()),
                     load=functools.partial(get_model, settings), progress=lambda d, n: bar(d, n, d - 1))
-    except (OSError, TimeoutError, RuntimeError) as err:  # an unreachable scheduler, a folder not writable
+    except (OSError, TimeoutError, RuntimeError, IndexError) as err:  # an unreachable scheduler, a folder not writable
         raise InputError(f"could not build {out}: {err}") from None
     finally:
         if bar.drawn:

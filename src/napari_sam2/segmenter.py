@@ -123,9 +123,10 @@ class StackSegmenter:
         """The store's features for a new session, when it matches (else None, with a message)."""
         if self.feature_store is None:
             return None
-        if self.orientations != 1 or key != ():
-            self._messages.append("the embedding store is used with 1 orientation on a 3D stack only; "
-                                  "features are computed")
+        if self.orientations != 1 or key != () or self.axis != 0 or self.displayed != (1, 2):
+            self._messages.append("the embedding store is used with 1 orientation on a 3D stack seen as it was "
+                                  "stored (slices along the first axis); features are computed")
+            self.feature_store = None  # said once
             return None
         from .store import open_store
 
@@ -169,7 +170,17 @@ class StackSegmenter:
                     self._store_sessions.discard(k)
                     self._messages.append("the contrast changed, so the embedding store no longer matches; "
                                           "features are computed from now on")
-            self.feature_store = None if not self._store_sessions else self.feature_store
+            if self.feature_store is not None and () in self.sessions and () not in self._store_sessions:
+                # the new contrast may be the store's: try it again for the stack's session
+                from .store import open_store
+
+                s = self.sessions[()]
+                try:
+                    s.use_features(open_store(self.feature_store, self.model, s.frames).features)
+                    self._store_sessions.add(())
+                    self._messages.append(f"slice features are read from {self.feature_store}")
+                except InputError:
+                    pass
 
     def set_fast(self, fast: bool) -> None:
         """bfloat16 (True) or float32 for slices computed from now on."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -39,8 +40,21 @@ def store_path(stack_path: Union[str, Path]) -> Path:
     return p.with_name(stem_of(p) + ".sam2.zarr")
 
 
+_IDENTITIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def model_identity(model) -> dict:
-    """What makes features comparable: the model's name, input size and weights."""
+    """What makes features comparable: the model's name, input size and weights (hashed once
+    per model object; weights changed in place afterwards are not seen)."""
+    known = _IDENTITIES.get(model)
+    if known is not None:
+        return dict(known)
+    identity = _hash_identity(model)
+    _IDENTITIES[model] = identity
+    return dict(identity)
+
+
+def _hash_identity(model) -> dict:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -153,12 +167,24 @@ def _create(group, name, shape, chunks, dtype):
 
 
 def _remote_slices(slices, *, path, stack_path, load, intensity_range) -> int:
+    import zarr
+
     from .io import TiffStack, read_image
     from .model.frames import FrameSource
 
-    tiff = str(stack_path).lower().endswith((".tif", ".tiff"))
-    frames = FrameSource(TiffStack(stack_path) if tiff else read_image(stack_path), intensity_range)  # slice by slice
-    return _write_slices(path, load(), frames, slices)
+    shape = list(zarr.open_group(path, mode="r").attrs["shape"])
+    source = TiffStack(stack_path) if str(stack_path).lower().endswith((".tif", ".tiff")) else None
+    try:
+        if source is None or list(source.shape) != shape:
+            data = read_image(stack_path)  # not one page per slice (e.g. a single-IFD ImageJ stack)
+        else:
+            data = source  # slice by slice
+        if list(np.shape(data))[: len(shape)] != shape:
+            raise RuntimeError(f"a worker read {stack_path} as shape {list(np.shape(data))}, the store expects {shape}")
+        return _write_slices(path, load(), FrameSource(data, intensity_range), slices)
+    finally:
+        if source is not None:
+            source.close()
 
 
 class FeatureStore:
