@@ -206,3 +206,20 @@ def test_a_finished_stack_is_made_again_when_its_run_changed(tmp_path, one_threa
     (tmp_path / "in" / "s0.csv").write_text("slice,y,x,object,positive\n4,40,40,1,1\n", encoding="utf-8")
     r = run_batch(items, replace(SETTINGS, stop_after=None))[0]
     assert r.status == "done" and r.objects == 1  # an edited clicks file
+
+
+def test_slices_are_reported_from_cluster_workers(tmp_path, one_thread):
+    make_stacks(tmp_path / "in", n=2)
+    items = plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "out", "points")
+    here = []
+    run_batch(items, SETTINGS, on_slice=here.append)
+    seen = []
+    items = plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "out2", "points")
+    results = run_batch(items, SETTINGS, workers=2, on_slice=seen.append)
+    assert [r.status for r in results] == ["done"] * 2
+    import time
+
+    deadline = time.monotonic() + 10  # events travel worker -> scheduler -> here, maybe after the results
+    while len(seen) < len(here) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert here and sorted(seen) == sorted(here)  # every slice of both stacks, as a serial run reports them

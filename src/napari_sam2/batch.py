@@ -21,6 +21,7 @@ A worker that dies mid-stack leaves no finished-looking file (at most a hidden
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import glob as globmod
@@ -390,11 +391,16 @@ def ModelPlugin(settings: BatchSettings):  # a function: distributed is imported
     return _ModelPlugin(settings)
 
 
-def _task(item: BatchItem, settings: BatchSettings) -> BatchResult:
+SLICE_TOPIC = "napari-sam2-slice"
+
+
+def _task(item: BatchItem, settings: BatchSettings, report: bool = False) -> BatchResult:
     from distributed import get_worker
 
-    result = process(item, settings, model=get_model(settings))
-    result.worker = get_worker().address
+    worker = get_worker()
+    on_slice = (lambda z: worker.log_event(SLICE_TOPIC, {"image": item.image, "slice": int(z)})) if report else None
+    result = process(item, settings, model=get_model(settings), on_slice=on_slice)
+    result.worker = worker.address
     return result
 
 
@@ -405,8 +411,9 @@ def run_batch(items: Sequence[BatchItem], settings: BatchSettings, *, workers: i
               on_dashboard: Optional[Callable[[str], None]] = None) -> List[BatchResult]:
     """Process ``items``: here, one after another (no workers, scheduler or client), or as
     tasks on a dask.distributed cluster (``workers`` local processes, a ``scheduler``
-    address, or a ``client``). on_result(result, done, total) as each stack ends; on_slice
-    (here only) after each slice; on_dashboard(link) once a cluster is up. Returns the
+    address, or a ``client``). on_result(result, done, total) as each stack ends; on_slice(z)
+    after each slice (from the workers through dask's event log when on a cluster);
+    on_dashboard(link) once a cluster is up. Returns the
     results in the order of ``items``."""
     items = list(items)
     total = len(items)
@@ -441,7 +448,9 @@ def run_batch(items: Sequence[BatchItem], settings: BatchSettings, *, workers: i
         _register(client, ModelPlugin(settings))
         # no retries: a stack's own failure is a result, not an exception; a worker that dies
         # is handled by the scheduler, which runs its task elsewhere
-        futures = client.map(_task, items, settings=settings, pure=False)
+        if on_slice is not None:
+            client.subscribe_topic(SLICE_TOPIC, lambda event: on_slice(int(event[1]["slice"])))
+        futures = client.map(_task, items, settings=settings, report=on_slice is not None, pure=False)
         index = {f.key: k for k, f in enumerate(futures)}
         results: List[Optional[BatchResult]] = [None] * total
         for done, fut in enumerate(as_completed(futures), 1):
@@ -456,6 +465,9 @@ def run_batch(items: Sequence[BatchItem], settings: BatchSettings, *, workers: i
                 on_result(r, done, total)
         return [r for r in results if r is not None]
     finally:
+        if on_slice is not None and client is not None:
+            with contextlib.suppress(Exception):
+                client.unsubscribe_topic(SLICE_TOPIC)
         if own_client is not None:
             own_client.close()
         if own_cluster is not None:
