@@ -223,3 +223,20 @@ def test_slices_are_reported_from_cluster_workers(tmp_path, one_thread):
     while len(seen) < len(here) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert here and sorted(seen) == sorted(here)  # every slice of both stacks, as a serial run reports them
+
+
+def test_ome_zarr_outputs_hold_what_the_tiffs_hold(tmp_path, one_thread):
+    import zarr
+
+    from napari_sam2.cli import main
+
+    make_stacks(tmp_path / "in", n=1)
+    assert main(["batch", str(tmp_path / "in" / "s0.tif"), "-o", str(tmp_path / "t"), "--points", "--stop-after", "2"]) == 0
+    assert main(["batch", str(tmp_path / "in" / "s0.tif"), "-o", str(tmp_path / "z"), "--points", "--stop-after", "2",
+                 "--format", "ome-zarr"]) == 0
+    group = zarr.open_group(str(tmp_path / "z" / "s0_labels.ome.zarr"), mode="r")
+    np.testing.assert_array_equal(np.asarray(group["0"][...]), tifffile.imread(tmp_path / "t" / "s0_labels.tif"))
+    ms = group.attrs["multiscales"][0]
+    assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+    assert (tmp_path / "z" / "s0_labels.sam2-batch.json").exists()
+    assert not [p for p in (tmp_path / "z").iterdir() if p.name.startswith(".")]

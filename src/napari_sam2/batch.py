@@ -102,16 +102,22 @@ def stem_of(path) -> str:
 
 
 def result_paths(output) -> Tuple[Path, Path]:
-    """(label TIFF, provenance JSON) of an output: ``x_labels.tif`` -> ``x_labels.sam2-batch.json``."""
+    """(labels, provenance JSON) of an output: ``x_labels.tif`` (or ``x_labels.ome.zarr``) ->
+    ``x_labels.sam2-batch.json``."""
     from .io import tiff_path
 
+    if str(output).endswith(".ome.zarr"):
+        data = Path(output)
+        return data, data.with_name(data.name[: -len(".ome.zarr")] + ".sam2-batch.json")
     tif = tiff_path(output)
     stem = tif.name[: -len(tif.suffix)]
     return tif, tif.with_name(stem + ".sam2-batch.json")
 
 
-def plan_batch(images: Sequence, out_dir, kind: str, *, source: Optional[str] = None) -> List[BatchItem]:
-    """Items for ``images`` (paths or glob patterns) writing ``OUT_DIR/<stem>_labels.tif``.
+def plan_batch(images: Sequence, out_dir, kind: str, *, source: Optional[str] = None,
+               fmt: str = "tif") -> List[BatchItem]:
+    """Items for ``images`` (paths or glob patterns) writing ``OUT_DIR/<stem>_labels.tif``
+    (``fmt="ome-zarr"``: ``<stem>_labels.ome.zarr``, for stacks too large for one TIFF).
 
     source: where each stack's prompts are, a pattern with ``{stem}`` (the image's name
     without extension) and ``{dir}`` (its folder), e.g. ``{dir}/{stem}.csv`` (the default
@@ -119,6 +125,8 @@ def plan_batch(images: Sequence, out_dir, kind: str, *, source: Optional[str] = 
     """
     import glob
 
+    if fmt not in ("tif", "ome-zarr"):
+        raise InputError(f"the output format must be tif or ome-zarr, got {fmt!r}")
     if kind not in PROMPT_KINDS:
         raise InputError(f"prompts must be one of {', '.join(PROMPT_KINDS)}, got {kind!r}")
     paths: List[Path] = []
@@ -146,12 +154,12 @@ def plan_batch(images: Sequence, out_dir, kind: str, *, source: Optional[str] = 
 
     # a glob may also match prompt files (seeds) or outputs of this batch: those are not stacks
     sources = {source_of(p) for p in paths}
-    made_here = (".sam2.zarr", ".sam2.json", ".sam2-batch.json")  # stores, sessions, provenance: not stacks
+    made_here = (".sam2.zarr", ".sam2.json", ".sam2-batch.json", ".ome.zarr")  # stores, sessions, outputs
     paths = [p for p in dict.fromkeys(paths) if str(p) not in sources and not p.name.endswith(made_here)
              and not (p.parent == out and p.name.endswith("_labels.tif"))]
     items, seen = [], set()
     for p in paths:
-        target = out / f"{stem_of(p)}_labels.tif"
+        target = out / (f"{stem_of(p)}_labels.tif" if fmt == "tif" else f"{stem_of(p)}_labels.ome.zarr")
         if target in seen:
             raise InputError(f"two inputs would write {target}: give stacks distinct names")
         seen.add(target)
@@ -328,7 +336,7 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
     """Segment one stack and write its label TIFF, then its provenance JSON (both atomically).
     A stack whose JSON exists is skipped; errors become a "failed" result, never an exception."""
     from . import __version__
-    from .io import atomic_write, read_image, write_labels
+    from .io import atomic_write, read_image, write_labels, write_ome_zarr_labels
 
     tif, meta = result_paths(item.output)
     if meta.exists() and tif.exists() and _same_run(meta, item, settings):
@@ -348,7 +356,10 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
         for stale in [*tif.parent.glob(f".{globmod.escape(tif.name)}.*.part"),
                       *meta.parent.glob(f".{globmod.escape(meta.name)}.*.part")]:
             stale.unlink(missing_ok=True)  # left by a worker that died while writing
-        write_labels(tif, labels, overwrite=True)
+        if str(tif).endswith(".ome.zarr"):
+            write_ome_zarr_labels(tif, labels, overwrite=True)
+        else:
+            write_labels(tif, labels, overwrite=True)
         objects = int(np.count_nonzero(np.unique(labels)))
         seconds = time.perf_counter() - t0
         record = {

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="label image per stack whose objects are prompts (default {dir}/{stem}_seeds.tif; "
                           "give a pattern as --seeds=PATTERN); a 2D one prompts the middle slice")
     how.add_argument("--session", metavar="FILE", help="a saved .sam2.json whose prompts and propagations run on every stack")
+    b.add_argument("--format", choices=["tif", "ome-zarr"], default="tif",
+                   help="label TIFFs (default) or OME-Zarr folders (for stacks too large for one TIFF)")
     b.add_argument("--workers", type=int, default=0, help="start a dask LocalCluster of N worker processes")
     b.add_argument("--scheduler", help="use a running dask.distributed scheduler (e.g. tcp://host:8786)")
     b.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
@@ -494,7 +496,7 @@ def _batch(args) -> int:
         kind, source = "seeds", args.seeds
     else:
         kind, source = "session", args.session
-    items = plan_batch(args.inputs, args.out_dir, kind, source=source)
+    items = plan_batch(args.inputs, args.out_dir, kind, source=source, fmt=args.format)
     settings = BatchSettings(model=_model_name(args), checkpoint=None if args.checkpoint is None else str(args.checkpoint),
                              device=args.device, fast=args.fast,
                              intensity_range=None if args.range is None else tuple(args.range),

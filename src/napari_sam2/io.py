@@ -774,3 +774,46 @@ class TiffStack:
 
     def close(self) -> None:
         self._tif.close()
+
+
+def write_ome_zarr_labels(path: Union[str, Path], labels: np.ndarray, *, axes: Optional[str] = None,
+                          overwrite: bool = False) -> Path:
+    """Write a label image as OME-Zarr (NGFF 0.4, zarr format 2, one chunk per 2D slice),
+    for stacks too large for one TIFF. Built under a temporary name and renamed when complete.
+
+    axes: letters from T, Z, C, Y, X (default "YX" / "ZYX" / "TZYX" by dimension)."""
+    import shutil
+
+    import zarr
+
+    path = Path(path)
+    labels = np.asarray(labels)
+    axes = (axes or {2: "YX", 3: "ZYX", 4: "TZYX"}.get(labels.ndim, "")).upper()
+    if len(axes) != labels.ndim:
+        raise ValueError(f"axes {axes!r} do not fit labels of {labels.ndim} dimensions")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        kind = {"T": "time", "C": "channel"}
+        group = zarr.open_group(str(tmp), mode="w", **({"zarr_format": 2} if zarr.__version__[0] >= "3" else {}))
+        chunks = (1,) * (labels.ndim - 2) + labels.shape[-2:]
+        if hasattr(group, "create_array"):
+            arr = group.create_array("0", shape=labels.shape, chunks=chunks, dtype=labels.dtype)
+        else:
+            arr = group.create_dataset("0", shape=labels.shape, chunks=chunks, dtype=labels.dtype)
+        arr[...] = labels
+        group.attrs["multiscales"] = [{
+            "version": "0.4", "name": path.name,
+            "axes": [{"name": a.lower(), "type": kind.get(a, "space")} for a in axes],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * labels.ndim}]}],
+        }]
+        group.attrs["image-label"] = {"version": "0.4", "source": {"image": "../../"}}
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
