@@ -140,22 +140,32 @@ def test_local_cluster_equals_serial_and_survives_a_killed_worker(tmp_path, one_
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
 
-    # a worker process killed while stacks run: dask runs its task again elsewhere
+    # a worker process killed in the middle of a stack (it is reporting slices): dask runs its task elsewhere
+    import threading
+
     items = plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "killed", "points")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         killed = []
 
-        def on_result(r, done, total):
-            if not killed:
-                victim = next(a for a in client.scheduler_info()["workers"] if a != r.worker)
-                killed.append(victim)
+        started = []
+
+        def kill():
+            busy = [w for w, tasks in client.processing().items() if tasks]
+            if busy:
+                killed.append(busy[0])
                 try:
-                    client.run(os._exit, 1, workers=[victim])
+                    client.run(os._exit, 1, workers=[busy[0]])
                 except Exception:  # the worker's connection drops as it exits
                     pass
 
-        results = run_batch(items, SETTINGS, client=client, on_result=on_result)
+        def on_slice(_z):  # called on the client's event loop: the kill goes through another thread
+            if not started:
+                started.append(threading.Thread(target=kill, daemon=True))
+                started[0].start()
+
+        results = run_batch(items, SETTINGS, client=client, on_slice=on_slice)
+        started[0].join(30)
     # a stack the killed worker had written but not reported is found finished when run again
     assert killed and {r.status for r in results} <= {"done", "skipped"} and len(results) == 4
     got = outputs(tmp_path / "killed")
@@ -213,9 +223,12 @@ def test_slices_are_reported_from_cluster_workers(tmp_path, one_thread):
     items = plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "out", "points")
     here = []
     run_batch(items, SETTINGS, on_slice=here.append)
+    from distributed import LocalCluster
+
     seen = []
     items = plan_batch([str(tmp_path / "in" / "*.tif")], tmp_path / "out2", "points")
-    results = run_batch(items, SETTINGS, workers=2, on_slice=seen.append)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        results = run_batch(items, SETTINGS, scheduler=cluster.scheduler_address, on_slice=seen.append)  # --scheduler
     assert [r.status for r in results] == ["done"] * 2
     import time
 
