@@ -100,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         "default) proposes objects; each is tracked both ways through the stack as far as it exists, and every "
         "--every slices proposals no tracked object covers become new objects. A 2D image gets its proposals only.",
     )
-    a.add_argument("image", type=Path, help="a TIFF stack (N, H, W), or a 2D image (H, W)")
-    a.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write (uint16, or uint32 if needed)")
+    a.add_argument("image", type=Path, help="a TIFF stack (N, H, W), a NIfTI volume (.nii, .nii.gz), or a 2D image")
+    a.add_argument("-o", "--output", type=Path, required=True,
+                   help="labels to write: TIFF (uint16, or uint32 if needed), or NIfTI (.nii.gz) with the source's geometry")
+    a.add_argument("--window", help="intensity window instead of --range: CT presets soft-tissue, lung, bone, "
+                   "brain (Hounsfield units), or mr (0.5-99.5 percentiles of nonzero voxels)")
     a.add_argument("--every", type=int, default=4, help="look for new objects every N slices (default 4)")
     a.add_argument("--key-slice", type=int, help="the slice proposals start on (default: the middle)")
     a.add_argument("--covered", type=float, default=0.5,
@@ -276,11 +279,6 @@ def _check_readable(path: Path, what: str) -> None:
         raise InputError(f"{what} file {path} does not exist")
     if path.is_dir():
         raise InputError(f"{what} {path} is a folder; give an image file (TIFF, PNG, JPEG)")
-    if _is_nifti(path):
-        raise InputError(
-            f"{what} {path} is a NIfTI file, and NIfTI support is not available yet; "
-            "convert it to TIFF (e.g. in Fiji: File > Save As > Tiff...) and use the TIFF"
-        )
 
 
 def _unreadable(path: Path, what: str, err: BaseException):
@@ -341,6 +339,11 @@ def _gui(args) -> int:
     _check_model(args.model)
     _check_checkpoint(args.checkpoint)
     if args.image is not None:
+        if _is_nifti(args.image):
+            from .model import InputError
+
+            raise InputError(f"{args.image}: NIfTI volumes are not available in the viewer yet (napari-sam2 auto "
+                             "and batch read them); convert it to TIFF to open it here")
         _check_image_file(args.image)
     import napari
 
@@ -433,13 +436,19 @@ def _auto(args) -> int:
     from .model.auto_stack import segment_slice, segment_stack
     from .model.devices import pick_device
 
-    target = tiff_path(args.output)
+    target = args.output if _is_nifti(args.output) else tiff_path(args.output)
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     _check_model(args.model)
     _check_checkpoint(args.checkpoint)
     device = pick_device(args.device)
     image = _read_image(args.image)
+    if args.window:
+        from .medical import ct_window, mr_window
+
+        if args.range:
+            raise InputError("give --window or --range, not both")
+        args.range = mr_window(image) if args.window.lower() == "mr" else ct_window(args.window.replace("-", " "))
     if args.stop_after < 0:
         raise InputError(f"--stop-after must be 0 (never stop) or a number of slices, got {args.stop_after}")
     params = {"points_per_side": args.points_per_side, "stability_score_thresh": args.stability,
@@ -466,7 +475,16 @@ def _auto(args) -> int:
     n = len(np.unique(labels)) - 1
     out = labels.astype(np.uint16) if labels.max() <= np.iinfo(np.uint16).max else labels
     try:
-        target = write_labels(args.output, out, overwrite=args.overwrite)
+        if _is_nifti(args.output):
+            from .medical import write_nifti_labels
+
+            if two_d:
+                raise InputError("NIfTI output needs a volume; write a 2D result as TIFF")
+            # the source's voxel order, affine and header geometry when it is NIfTI too
+            target = write_nifti_labels(args.output, out, reference=args.image if _is_nifti(args.image) else None,
+                                        overwrite=args.overwrite)
+        else:
+            target = write_labels(args.output, out, overwrite=args.overwrite)
     except OSError as err:
         raise InputError(f"cannot write {target} ({err.strerror or err}); choose a writable place with -o/--output") from err
     print(f"wrote {target}: {n} objects" + ("" if two_d else f" through {depth} slices"))

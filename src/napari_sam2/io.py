@@ -82,13 +82,18 @@ def _positive(value: Any) -> Optional[float]:
 
 
 def read_image(path: Union[str, Path]) -> np.ndarray:
-    """Read an image file: TIFF through tifffile, anything else through scikit-image.
+    """Read an image file: TIFF through tifffile, NIfTI through nibabel (as Z-Y-X),
+    anything else through scikit-image.
 
     Only the pixels; :func:`read_image_file` also gives the axes and calibration.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image file {path} does not exist")
+    if str(path).lower().endswith((".nii", ".nii.gz")):  # NIfTI: (Z, Y, X) = voxel axes (k, j, i)
+        from .medical import read_nifti
+
+        return read_nifti(path).data
     if path.suffix.lower() in TIFF_SUFFIXES:
         import tifffile
 

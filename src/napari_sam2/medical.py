@@ -1,0 +1,133 @@
+"""Medical volumes: NIfTI in and out, CT and MR intensity windows.
+
+NIfTI is read and written with nibabel, the reference implementation of the format that
+the neuroimaging and medical-imaging tools share (it handles ``.nii`` and ``.nii.gz``, the
+affine, the qform / sform and the header's units, which a reader of our own would have to
+get right case by case). A volume's voxel axes (i, j, k) are shown in napari as (k, j, i),
+i.e. slices along k as Z-Y-X; labels are written back in the source's voxel order with
+its affine and header geometry, so they overlay the image in any other tool.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .model.preprocess import InputError
+
+__all__ = ["CT_WINDOWS", "NiftiVolume", "ct_window", "is_nifti", "mr_window", "read_nifti", "write_nifti_labels"]
+
+#: CT windows as (level, width) in Hounsfield units; the model sees level ± width / 2 as black..white
+CT_WINDOWS = {
+    "soft tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+
+
+def is_nifti(path: Union[str, Path]) -> bool:
+    return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
+def ct_window(name: str) -> Tuple[float, float]:
+    """The (low, high) Hounsfield range of a CT window preset (see :data:`CT_WINDOWS`)."""
+    key = name.strip().lower()
+    if key not in CT_WINDOWS:
+        raise InputError(f"unknown CT window {name!r}; choose one of {', '.join(CT_WINDOWS)}")
+    level, width = CT_WINDOWS[key]
+    return level - width / 2, level + width / 2
+
+
+def mr_window(volume, percentiles: Sequence[float] = (0.5, 99.5)) -> Tuple[float, float]:
+    """An MR window: the given percentiles of the volume's finite, nonzero voxels (MR values
+    have no fixed scale, and the background outside the body is zero)."""
+    v = np.asarray(volume, dtype=np.float64)
+    v = v[np.isfinite(v) & (v != 0)]
+    if v.size == 0:
+        raise InputError("the volume holds no nonzero finite voxel to take an MR window from")
+    lo, hi = np.percentile(v, percentiles)
+    if hi <= lo:
+        lo, hi = float(v.min()), float(v.max())
+    return float(lo), float(hi)
+
+
+@dataclass
+class NiftiVolume:
+    """A NIfTI volume as napari shows it: ``data`` (Z, Y, X) = voxel axes (k, j, i), ``spacing``
+    (Z, Y, X) in the header's length unit (usually mm), and what writing labels back needs."""
+
+    data: np.ndarray
+    spacing: Tuple[float, float, float]
+    unit: str
+    affine: np.ndarray
+    header: object
+    path: Path
+
+
+def read_nifti(path: Union[str, Path]) -> NiftiVolume:
+    """Read a 3D NIfTI volume (a 4D one with a single volume is taken as 3D)."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises several kinds for damaged files
+        raise InputError(f"cannot read the NIfTI file {path}: {err}") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path} holds a {data.ndim}D NIfTI image of shape {data.shape}; a 3D volume is needed")
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    unit = img.header.get_xyzt_units()[0] or "unknown"
+    return NiftiVolume(np.ascontiguousarray(data.transpose(2, 1, 0)), tuple(zooms[::-1]), unit,
+                       np.asarray(img.affine), img.header, path)
+
+
+def write_nifti_labels(path: Union[str, Path], labels, *, reference: Optional[Union[str, Path, NiftiVolume]] = None,
+                       overwrite: bool = False) -> Path:
+    """Write (Z, Y, X) labels as NIfTI in the reference volume's voxel order, with its affine
+    and header geometry (no reference: identity affine). Written to a temporary file in the
+    same folder, then renamed."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not is_nifti(path):
+        raise InputError(f"{path}: a NIfTI file name ends in .nii or .nii.gz")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise InputError(f"NIfTI labels must be a 3D volume (Z, Y, X), got shape {labels.shape}")
+    dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    voxels = np.ascontiguousarray(labels.astype(dtype).transpose(2, 1, 0))
+    if reference is not None:
+        ref = reference if isinstance(reference, NiftiVolume) else read_nifti(reference)
+        if ref.data.shape != labels.shape:
+            raise InputError(f"the labels have shape {labels.shape}, the reference volume {ref.data.shape}")
+        header = ref.header.copy()
+        header.set_data_dtype(dtype)
+        img = nib.Nifti1Image(voxels, ref.affine, header)
+        img.header.set_slope_inter(1, 0)
+    else:
+        img = nib.Nifti1Image(voxels, np.eye(4))
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
