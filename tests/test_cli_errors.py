@@ -113,9 +113,9 @@ def test_gui_text_file(capsys, files, no_viewer):
     assert "cannot read image file" in line and "notes.txt" in line
 
 
-def test_gui_nifti_says_not_supported(capsys, files, no_viewer):
+def test_gui_damaged_nifti_is_refused_before_a_window(capsys, files, no_viewer):
     line = _fails(capsys, ["gui", str(files["nifti"])])
-    assert "NIfTI" in line and "not available" in line and "TIFF" in line
+    assert "cannot read the NIfTI file" in line and "volume.nii.gz" in line
 
 
 def test_gui_1d_file(capsys, files, no_viewer):

@@ -104,7 +104,7 @@ def test_reader_contribution(tmp_path):
     pm.discover()
     pm.activate("napari-sam2")
     manifest = pm.get_manifest("napari-sam2")
-    (reader,) = manifest.contributions.readers
+    reader = next(r for r in manifest.contributions.readers if r.command == "napari-sam2.read_tiff")
     assert set(reader.filename_patterns) == {"*.tif", "*.tiff"} and not reader.accepts_directories
     command = next(c for c in manifest.contributions.commands if c.id == reader.command)
     assert command.python_name == "napari_sam2.io:napari_get_reader"

@@ -72,3 +72,25 @@ def test_cli_auto_reads_and_writes_nifti(tmp_path):
     np.testing.assert_allclose(seg.affine, affine)
     assert seg.shape == voxels.shape and len(np.unique(np.asanyarray(seg.dataobj))) == 3  # two objects
     assert main(["auto", str(tmp_path / "vol.nii.gz"), "-o", str(tmp_path / "w.nii.gz"), "--window", "bone"]) == 0
+
+
+def test_napari_reader_and_writer_keep_the_geometry(tmp_path):
+    """The plugin's NIfTI reader gives a Z-Y-X layer scaled by the voxel spacing, and its labels
+    writer puts the volume's affine back (what napari calls for File > Open / Save Layers)."""
+    import npe2
+
+    src = tmp_path / "mr.nii.gz"
+    data, _affine = make_volume(src)
+    pm = npe2.PluginManager()
+    pm.discover()
+    pm.activate("napari-sam2")
+    assert "napari-sam2.read_nifti" in {r.command for r in pm.iter_compatible_readers([str(src)])}
+    from napari_sam2.medical import napari_get_reader, write_labels_layer
+
+    ((vol, kwargs, kind),) = napari_get_reader(str(src))(str(src))
+    assert kind == "image" and vol.shape == data.shape[::-1] and tuple(kwargs["scale"]) == pytest.approx((2.5, 0.9, 0.8))
+    labels = (vol > 60).astype(np.uint16)
+    (out,) = write_labels_layer(str(tmp_path / "l.nii.gz"), labels, {"metadata": kwargs["metadata"]})
+    back = nib.load(out)
+    np.testing.assert_allclose(back.affine, nib.load(str(src)).affine)
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), labels.transpose(2, 1, 0))

@@ -340,11 +340,11 @@ def _gui(args) -> int:
     _check_checkpoint(args.checkpoint)
     if args.image is not None:
         if _is_nifti(args.image):
-            from .model import InputError
+            from .medical import read_nifti
 
-            raise InputError(f"{args.image}: NIfTI volumes are not available in the viewer yet (napari-sam2 auto "
-                             "and batch read them); convert it to TIFF to open it here")
-        _check_image_file(args.image)
+            read_nifti(args.image)  # a damaged file is refused before a window opens
+        else:
+            _check_image_file(args.image)
     import napari
 
     open_gui(args.image, model=args.model, checkpoint=args.checkpoint, orientations=args.orientations)
@@ -378,7 +378,12 @@ def open_gui(
 
     if viewer is None:
         viewer = napari.Viewer(title="napari-sam2")
-    if image is not None:
+    if image is not None and _is_nifti(Path(image)):
+        from .medical import napari_get_reader
+
+        ((data, kwargs, _kind),) = napari_get_reader(str(image))(str(image))  # Z-Y-X, scaled by the voxel spacing
+        layer = viewer.add_image(data, **kwargs)
+    elif image is not None:
         # the file's axes and calibration (voxel size, frame interval) become the layer's
         im = read_image_file(image)
         layer = viewer.add_image(im.data, **layer_kwargs(im))

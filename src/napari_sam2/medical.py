@@ -20,7 +20,8 @@ import numpy as np
 
 from .model.preprocess import InputError
 
-__all__ = ["CT_WINDOWS", "NiftiVolume", "ct_window", "is_nifti", "mr_window", "read_nifti", "write_nifti_labels"]
+__all__ = ["CT_WINDOWS", "NiftiVolume", "ct_window", "is_nifti", "mr_window", "napari_get_reader", "read_nifti",
+           "write_labels_layer", "write_nifti_labels"]
 
 #: CT windows as (level, width) in Hounsfield units; the model sees level ± width / 2 as black..white
 CT_WINDOWS = {
@@ -131,3 +132,35 @@ def write_nifti_labels(path: Union[str, Path], labels, *, reference: Optional[Un
             os.unlink(tmp)
         raise
     return path
+
+
+# ---------------------------------------------------------------------- napari contributions
+
+
+def _read_layers(paths) -> list:
+    layers = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        vol = read_nifti(p)
+        lo, hi = mr_window(vol.data) if np.any(vol.data) else (0.0, 1.0)
+        layers.append((vol.data, {
+            "name": Path(p).name.split(".")[0], "scale": vol.spacing, "contrast_limits": (lo, hi),
+            "metadata": {"napari_sam2": {"axes": "ZYX", "nifti_source": str(Path(p).resolve())}},
+        }, "image"))
+    return layers
+
+
+def napari_get_reader(path):
+    """napari reader contribution: NIfTI volumes as Z-Y-X image layers scaled by their voxel
+    spacing (contrast: the MR percentile window; choose a CT window in the layer controls)."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path or [])
+    if not paths or not all(is_nifti(p) and Path(p).is_file() for p in paths):
+        return None
+    return _read_layers
+
+
+def write_labels_layer(path: str, data, attributes: dict) -> list:
+    """napari writer contribution: a Labels layer as NIfTI, with the geometry of the NIfTI
+    volume it was made on (recorded in its metadata by the reader and the SAM 2 widget)."""
+    source = ((attributes.get("metadata") or {}).get("napari_sam2") or {}).get("nifti_source")
+    reference = source if source and Path(source).exists() else None
+    return [str(write_nifti_labels(path, np.asarray(data), reference=reference, overwrite=True))]
