@@ -49,7 +49,12 @@ def main() -> None:
     import torch
     from distributed import Client, LocalCluster
 
-    from napari_sam2.batch import BatchSettings, ModelPlugin, _register, plan_batch, run_batch
+    from napari_sam2.batch import (
+        BatchSettings,
+        plan_batch,
+        register_model_plugin,
+        run_batch,
+    )
 
     root = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     (root / "in").mkdir()
@@ -73,7 +78,7 @@ def main() -> None:
                 Client(cluster) as client:
             client.wait_for_workers(workers)
             settings = BatchSettings(threads=threads)
-            _register(client, ModelPlugin(settings))  # imports + model on each worker, before the clock
+            register_model_plugin(client, settings)  # imports + model on each worker, before the clock
             start = time.perf_counter() - t
             timed(f"{workers} worker(s) x {threads} thread(s)", settings, client=client)
             print(f"  (cluster start, imports and model load {start:.1f} s, not counted)")

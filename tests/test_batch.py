@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -155,7 +156,7 @@ def test_local_cluster_equals_serial_and_survives_a_killed_worker(tmp_path, one_
             if busy:
                 killed.append(busy[0])
                 try:
-                    client.run(os._exit, 1, workers=[busy[0]])
+                    client.run(lambda: os.kill(os.getpid(), signal.SIGKILL), workers=[busy[0]])
                 except Exception:  # the worker's connection drops as it exits
                     pass
 

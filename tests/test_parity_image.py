@@ -142,10 +142,10 @@ def test_image_path_matches_reference(name, size, seed):
     # prompts: positive click, negative click, box, box + clicks, multimask on/off
     p1 = [[w * 0.4, h * 0.5]]
     prompts = [
-        dict(points=p1, labels=[1]),
-        dict(points=p1 + [[w * 0.7, h * 0.3]], labels=[1, 0]),
-        dict(box=[w * 0.2, h * 0.2, w * 0.6, h * 0.7]),
-        dict(box=[w * 0.2, h * 0.2, w * 0.6, h * 0.7], points=[[w * 0.3, h * 0.4], [w * 0.5, h * 0.6]], labels=[1, 0]),
+        {"points": p1, "labels": [1]},
+        {"points": p1 + [[w * 0.7, h * 0.3]], "labels": [1, 0]},
+        {"box": [w * 0.2, h * 0.2, w * 0.6, h * 0.7]},
+        {"box": [w * 0.2, h * 0.2, w * 0.6, h * 0.7], "points": [[w * 0.3, h * 0.4], [w * 0.5, h * 0.6]], "labels": [1, 0]},
     ]
     last_low = None
     for prompt in prompts:
@@ -162,7 +162,7 @@ def test_image_path_matches_reference(name, size, seed):
             last_low = r_low[0, :1].numpy()
 
     # a mask input (low-res logits of an earlier prediction) with and without a click
-    for prompt in (dict(), dict(points=p1, labels=[1])):
+    for prompt in ({}, {"points": p1, "labels": [1]}):
         r_full, r_iou, r_low, r_obj = ref_pred.predict(**prompt, mask_input=last_low, multimask=False)
         o = pred.predict(**prompt, mask_input=last_low, multimask_output=False, return_logits=True)
         assert _maxdiff(o.logits, r_full[0]) <= TOL

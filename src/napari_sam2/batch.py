@@ -37,7 +37,7 @@ import numpy as np
 from .model.preprocess import InputError
 
 __all__ = ["PROMPT_KINDS", "BatchItem", "BatchResult", "BatchSettings", "ModelPlugin", "plan_batch",
-           "process", "read_points_csv", "result_paths", "run_batch"]
+           "process", "read_points_csv", "register_model_plugin", "result_paths", "run_batch"]
 
 PROMPT_KINDS = ("auto", "points", "seeds", "session")
 PROVENANCE_FORMAT = "napari-sam2 batch result"
@@ -92,15 +92,6 @@ class BatchResult:
     worker: Optional[str] = None
 
 
-def stem_of(path) -> str:
-    """A file's name without its image suffix (``a.ome.tif`` -> ``a``; ``img.001.tif`` -> ``img.001``)."""
-    name = Path(path).name
-    for suffix in (".sam2.zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nii.gz", ".nii", ".png", ".jpg", ".jpeg"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
 def result_paths(output) -> Tuple[Path, Path]:
     """(labels, provenance JSON) of an output: ``x_labels.tif`` (or ``x_labels.ome.zarr``) ->
     ``x_labels.sam2-batch.json``."""
@@ -123,7 +114,7 @@ def plan_batch(images: Sequence, out_dir, kind: str, *, source: Optional[str] = 
     without extension) and ``{dir}`` (its folder), e.g. ``{dir}/{stem}.csv`` (the default
     for points), ``{dir}/{stem}_seeds.tif`` (seeds), or one file for all (a session).
     """
-    import glob
+    from .io import stem_of
 
     if fmt not in ("tif", "ome-zarr"):
         raise InputError(f"the output format must be tif or ome-zarr, got {fmt!r}")
@@ -132,7 +123,7 @@ def plan_batch(images: Sequence, out_dir, kind: str, *, source: Optional[str] = 
     paths: List[Path] = []
     for pattern in images:
         text = str(pattern)
-        hits = sorted(glob.glob(text)) if any(c in text for c in "*?[") else [text]
+        hits = sorted(globmod.glob(text)) if any(c in text for c in "*?[") else [text]
         if not hits:
             raise InputError(f"no file matches {text!r}")
         paths += [Path(os.path.abspath(h)) for h in hits]  # absolute (links kept): workers elsewhere use them
@@ -218,13 +209,6 @@ def read_points_csv(path, num_slices: int, hw: Tuple[int, int]) -> Dict[Tuple[in
 _MODELS: Dict[tuple, object] = {}
 
 
-def _identity(model) -> dict:
-    """The model's name, input size and weights hash."""
-    from .store import model_identity
-
-    return model_identity(model)
-
-
 def get_model(settings: BatchSettings):
     """The settings' model, loaded once per process (a worker keeps it between stacks)."""
     key = settings.key()
@@ -246,12 +230,12 @@ def get_model(settings: BatchSettings):
 def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
              on_slice: Optional[Callable[[int], None]]) -> Tuple[np.ndarray, dict]:
     """The label volume of one stack and what produced it."""
-    from .model.auto_stack import segment_slice, segment_stack
+    from .model.auto_stack import is_single_image, segment_slice, segment_stack
     from .model.video import StackSession
     from .segmenter import write_masks
 
     rng = settings.intensity_range
-    two_d = image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))
+    two_d = is_single_image(image.shape)
     if item.kind == "auto":
         if two_d:
             return segment_slice(model, image, rng, fast=settings.fast, **settings.auto), {}
@@ -337,6 +321,7 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
     A stack whose JSON exists is skipped; errors become a "failed" result, never an exception."""
     from . import __version__
     from .io import atomic_write, read_image, write_labels, write_ome_zarr_labels
+    from .store import model_identity
 
     tif, meta = result_paths(item.output)
     if meta.exists() and tif.exists() and _same_run(meta, item, settings):
@@ -366,7 +351,7 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
             "format": PROVENANCE_FORMAT, "napari_sam2": __version__,
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "image": str(item.image), "labels": str(tif), "prompts": {"kind": item.kind, "source": item.source, **extra},
-            "model": {**_identity(model), "checkpoint": settings.checkpoint},
+            "model": {**model_identity(model), "checkpoint": settings.checkpoint},
             "settings": {k: v for k, v in asdict(settings).items() if k not in ("model", "checkpoint")},
             "shape": list(labels.shape), "objects": objects, "seconds": round(seconds, 3),
             "run": _run_record(item, settings),
@@ -456,7 +441,7 @@ def run_batch(items: Sequence[BatchItem], settings: BatchSettings, *, workers: i
             on_dashboard(str(client.dashboard_link))
         if settings.threads == 0 and own_cluster is not None:
             settings = _with_threads(settings, 1)  # one torch thread per single-threaded worker process
-        _register(client, ModelPlugin(settings))
+        register_model_plugin(client, settings)
         # no retries: a stack's own failure is a result, not an exception; a worker that dies
         # is handled by the scheduler, which runs its task elsewhere
         if on_slice is not None:
@@ -491,7 +476,9 @@ def _with_threads(settings: BatchSettings, threads: int) -> BatchSettings:
     return replace(settings, threads=threads)
 
 
-def _register(client, plugin) -> None:
+def register_model_plugin(client, settings: BatchSettings) -> None:
+    """Have every worker of ``client`` load the settings' model now (and keep it)."""
+    plugin = ModelPlugin(settings)
     if hasattr(client, "register_plugin"):
         client.register_plugin(plugin, name=plugin.name)
     else:  # distributed < 2023.9

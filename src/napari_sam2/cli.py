@@ -56,14 +56,23 @@ def _add_orientations(parser: argparse.ArgumentParser) -> None:
                              "(default: 8 for the bundled nano model, 1 for Meta's models)")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model, --checkpoint, --range, --fast, --device, --overwrite (segment, auto)."""
+def _add_model_options(p: argparse.ArgumentParser, *, device: str = "auto", fast: bool = True,
+                       overwrite: bool = True) -> None:
+    """--model, --checkpoint, --range, --device, and --fast / --overwrite where they apply."""
     p.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
     p.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: bundled, or download the official one)")
     p.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
-    p.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--device", default=device, help=f"auto, cpu, cuda or mps (default {device})")
+    if fast:
+        p.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    """--workers / --scheduler (batch, embed)."""
+    p.add_argument("--workers", type=int, default=0, help="spread the work over a dask LocalCluster of N processes")
+    p.add_argument("--scheduler", help="use a running dask.distributed scheduler (e.g. tcp://host:8786)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,15 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--session", metavar="FILE", help="a saved .sam2.json whose prompts and propagations run on every stack")
     b.add_argument("--format", choices=["tif", "ome-zarr"], default="tif",
                    help="label TIFFs (default) or OME-Zarr folders (for stacks too large for one TIFF)")
-    b.add_argument("--workers", type=int, default=0, help="start a dask LocalCluster of N worker processes")
-    b.add_argument("--scheduler", help="use a running dask.distributed scheduler (e.g. tcp://host:8786)")
-    b.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
-    b.add_argument("--checkpoint", type=Path, help="local checkpoint file")
-    b.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range for every stack")
+    _add_cluster_options(b)
+    _add_model_options(b, device="cpu", overwrite=False)
     b.add_argument("--stop-after", type=int, default=3, metavar="N",
                    help="stop following an object after N slices where it is absent (default 3; 0: never)")
-    b.add_argument("--fast", action="store_true", help="bfloat16 mode")
-    b.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
 
     em = sub.add_parser(
         "embed", help="compute the image features of every slice once, into STACK.sam2.zarr",
@@ -157,12 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     em.add_argument("stack", type=Path, help="a stack (N, H, W) TIFF")
     em.add_argument("--out", type=Path, help="the store to write (default: STACK.sam2.zarr beside the stack)")
-    em.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
-    em.add_argument("--checkpoint", type=Path, help="local checkpoint file")
-    em.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
-    em.add_argument("--workers", type=int, default=0, help="spread the slices over a dask LocalCluster of N processes")
-    em.add_argument("--scheduler", help="use a running dask.distributed scheduler")
-    em.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
+    _add_model_options(em, device="cpu", fast=False, overwrite=False)
+    _add_cluster_options(em)
 
     t = sub.add_parser(
         "train",
@@ -438,7 +438,7 @@ def _auto(args) -> int:
 
     from .io import tiff_path, write_labels
     from .model import InputError, load_model
-    from .model.auto_stack import segment_slice, segment_stack
+    from .model.auto_stack import is_single_image, segment_slice, segment_stack
     from .model.devices import pick_device
 
     target = args.output if _is_nifti(args.output) else tiff_path(args.output)
@@ -459,7 +459,7 @@ def _auto(args) -> int:
     params = {"points_per_side": args.points_per_side, "stability_score_thresh": args.stability,
                   "pred_iou_thresh": args.pred_iou, "min_area": args.min_area}
     model = load_model(_model_name(args), args.checkpoint, device=device)
-    two_d = image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))
+    two_d = is_single_image(image.shape)
     if two_d:
         labels = segment_slice(model, image, args.range, fast=args.fast, **params)
         depth = 1

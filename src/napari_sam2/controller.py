@@ -510,8 +510,7 @@ class Annotator:
                 raise InputError("a propagation is already running")
             if not self.objects:
                 raise InputError("give a prompt (a click, a box or a painted mask) before propagating")
-            block = seg.key(key)
-            here = [o for o in self.objects.values() if any(seg.key(k) == block for k in o.prompts)]
+            here = self._objects_at(key)
             if not here:
                 raise InputError("no object has a prompt at this position (e.g. this time point): give one first")
             if objects is None:
@@ -575,14 +574,8 @@ class Annotator:
             if on_end is not None:
                 on_end(completed)
 
-        job = Job(gen, on_yield=on_item, on_error=on_error, on_done=finish)
-        self._propagation, self._running = job, entry
-        self._push(entry)  # now, so that prompts given during the run are undone before it
-        self._say(f"Propagating {direction}: objects {', '.join(map(str, ids))}…")
-        if self.queue.busy:  # prompts given before start first (a click's mask is part of the run)
-            self.queue.submit(("propagate",), Job(lambda: None, on_result=lambda _: self._start_propagation(job)))
-        else:
-            self._start_propagation(job)
+        self._launch(Job(gen, on_yield=on_item, on_error=on_error, on_done=finish), entry,
+                     f"Propagating {direction}: objects {', '.join(map(str, ids))}…")
         return True
 
     def segment_everything(self, position: Sequence[int], *, whole_stack: bool = False,
@@ -597,8 +590,8 @@ class Annotator:
         both ways (stopped after ``stop_after`` absent slices unless ``stop_after_absent``
         is given); the objects at this position not yet propagated are tracked first, so
         that proposals do not duplicate them. The key slice is always the one at
-        ``position`` (a ``key_slice`` parameter is refused). params: :class:`~napari_sam2.model.auto_stack.StackAutoParams` fields and
-        the 2D generator's. on_progress(searched, total) after each slice written;
+        ``position`` (a ``key_slice`` parameter is refused). params:
+        :class:`~napari_sam2.model.auto_stack.StackAutoParams` fields and the 2D generator's. on_progress(searched, total) after each slice written;
         on_end(completed). Runs like a propagation: cancel() keeps what is done, and one
         undo takes the whole run back. Returns whether it started.
         """
@@ -640,9 +633,7 @@ class Annotator:
 
         # objects of this position not yet propagated go with the first round (else the search
         # on other slices would take them for new objects)
-        block = seg.key(key)
-        waiting = [o.obj_id for o in self.objects.values() if o.propagated != o.version
-                   and any(seg.key(k) == block for k in o.prompts)] if whole_stack else []
+        waiting = [o.obj_id for o in self._objects_at(key) if o.propagated != o.version] if whole_stack else []
         entry = {"kind": "auto", "key": key, "slices": {}, "objs": [], "tags": [], "record": None,
                  "snaps": {}, "waiting": waiting}
         state = {"error": None}
@@ -718,15 +709,24 @@ class Annotator:
             if on_end is not None:
                 on_end(completed)
 
-        job = holder["job"] = Job(gen, on_yield=on_item, on_error=on_error, on_done=finish)
+        holder["job"] = Job(gen, on_yield=on_item, on_error=on_error, on_done=finish)
+        self._launch(holder["job"], entry, "Segment everything: looking for objects…")
+        return True
+
+    def _launch(self, job: Job, entry: dict, status: str) -> None:
+        """Start a long run (a propagation, segment everything) once queued prompts are done."""
         self._propagation, self._running = job, entry
-        self._push(entry)
-        self._say("Segment everything: looking for objects…")
-        if self.queue.busy:
+        self._push(entry)  # now, so that prompts given during the run are undone before it
+        self._say(status)
+        if self.queue.busy:  # prompts given before start first (a click's mask is part of the run)
             self.queue.submit(("propagate",), Job(lambda: None, on_result=lambda _: self._start_propagation(job)))
         else:
             self._start_propagation(job)
-        return True
+
+    def _objects_at(self, key: tuple) -> List[AnnotatedObject]:
+        """The objects with a prompt in the session (e.g. the time point) of slice ``key``."""
+        block = self.segmenter.key(key)
+        return [o for o in self.objects.values() if any(self.segmenter.key(k) == block for k in o.prompts)]
 
     def _start_propagation(self, job: Job) -> None:
         if job.cancelled:
@@ -1082,10 +1082,7 @@ def load_session(path: Union[str, Path]) -> dict:
 
 def session_path(labels_path: Union[str, Path]) -> Path:
     """The session file saved beside a label TIFF: ``labels.tif`` -> ``labels.sam2.json``."""
+    from .io import stem_of
+
     p = Path(labels_path)
-    stem = p.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    return p.with_name(stem + ".sam2.json")
+    return p.with_name(stem_of(p) + ".sam2.json")

@@ -489,6 +489,16 @@ def guess_axes(ndim: int, info: Optional[dict] = None, axis_labels: Sequence[str
     return {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TZCYX"}.get(ndim, "")
 
 
+def stem_of(path: Union[str, Path]) -> str:
+    """A file's name without its image or store suffix (``a.ome.tif`` -> ``a``, ``img.001.tif``
+    -> ``img.001``, ``ct.nii.gz`` -> ``ct``)."""
+    name = Path(path).name
+    for suffix in (".sam2.zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nii.gz", ".nii", ".png", ".jpg", ".jpeg"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
 def tiff_path(path: Union[str, Path]) -> Path:
     """``path`` with ``.tif`` added unless it already ends in .tif or .tiff."""
     path = Path(path)

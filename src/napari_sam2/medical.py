@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .model.preprocess import InputError
+from .model.preprocess import InputError, percentile_range
 
 __all__ = ["CT_WINDOWS", "NiftiVolume", "ct_window", "is_nifti", "mr_window", "napari_get_reader", "read_nifti",
            "write_labels_layer", "write_nifti_labels"]
@@ -49,13 +49,8 @@ def mr_window(volume, percentiles: Sequence[float] = (0.5, 99.5)) -> Tuple[float
     """An MR window: the given percentiles of the volume's finite, nonzero voxels (MR values
     have no fixed scale, and the background outside the body is zero)."""
     v = np.asarray(volume, dtype=np.float64)
-    v = v[np.isfinite(v) & (v != 0)]
-    if v.size == 0:
-        raise InputError("the volume holds no nonzero finite voxel to take an MR window from")
-    lo, hi = np.percentile(v, percentiles)
-    if hi <= lo:
-        lo, hi = float(v.min()), float(v.max())
-    return float(lo), float(hi)
+    return percentile_range(v[np.isfinite(v) & (v != 0)], percentiles,
+                            "the volume holds no nonzero finite voxel to take an MR window from")
 
 
 @dataclass
@@ -138,12 +133,14 @@ def write_nifti_labels(path: Union[str, Path], labels, *, reference: Optional[Un
 
 
 def _read_layers(paths) -> list:
+    from .io import stem_of
+
     layers = []
     for p in [paths] if isinstance(paths, (str, Path)) else paths:
         vol = read_nifti(p)
         lo, hi = mr_window(vol.data) if np.any(vol.data) else (0.0, 1.0)
         layers.append((vol.data, {
-            "name": Path(p).name.split(".")[0], "scale": vol.spacing, "contrast_limits": (lo, hi),
+            "name": stem_of(p), "scale": vol.spacing, "contrast_limits": (lo, hi),
             "metadata": {"napari_sam2": {"axes": "ZYX", "nifti_source": str(Path(p).resolve())}},
         }, "image"))
     return layers

@@ -26,10 +26,11 @@ from .model.geometry import (
     rc_to_xy,
     view_to_data,
 )
+from .model.postprocess import write_masks
 from .model.preprocess import InputError
 from .model.session import Session
 
-__all__ = ["AxisView", "StackSegmenter", "write_masks"]  # AxisView lives in model.geometry
+__all__ = ["AxisView", "StackSegmenter", "write_masks"]  # AxisView and write_masks live in model/
 
 
 class StackSegmenter:
@@ -128,12 +129,17 @@ class StackSegmenter:
                                   "stored (slices along the first axis); features are computed")
             self.feature_store = None  # said once
             return None
+        return self._open_store(key, frames, say_refusal=True)
+
+    def _open_store(self, key: tuple, frames, *, say_refusal: bool):
+        """The store's features for the session ``key`` if it matches ``frames``, else None."""
         from .store import open_store
 
         try:
             store = open_store(self.feature_store, self.model, frames)
         except InputError as err:
-            self._messages.append(f"{err}; features are computed instead")
+            if say_refusal:
+                self._messages.append(f"{err}; features are computed instead")
             return None
         self._store_sessions.add(key)
         self._messages.append(f"slice features are read from {self.feature_store}")
@@ -172,15 +178,10 @@ class StackSegmenter:
                                           "features are computed from now on")
             if self.feature_store is not None and () in self.sessions and () not in self._store_sessions:
                 # the new contrast may be the store's: try it again for the stack's session
-                from .store import open_store
-
                 s = self.sessions[()]
-                try:
-                    s.use_features(open_store(self.feature_store, self.model, s.frames).features)
-                    self._store_sessions.add(())
-                    self._messages.append(f"slice features are read from {self.feature_store}")
-                except InputError:
-                    pass
+                features = self._open_store((), s.frames, say_refusal=False)
+                if features is not None:
+                    s.use_features(features)
 
     def set_fast(self, fast: bool) -> None:
         """bfloat16 (True) or float32 for slices computed from now on."""
@@ -328,13 +329,3 @@ class StackSegmenter:
                 return
             f, masks = item
             yield self.label_index(position, f), {k: self.to_data_order(m) for k, m in masks.items()}
-
-
-def write_masks(labels: np.ndarray, index: tuple, masks: Dict[int, np.ndarray]) -> None:
-    """Paint masks into one slice of a labels array: each object's label is replaced
-    by its new mask, without erasing other objects' pixels."""
-    sl = labels[index]
-    for obj_id, mask in masks.items():
-        sl[sl == obj_id] = 0
-        sl[mask & (sl == 0)] = obj_id
-    labels[index] = sl

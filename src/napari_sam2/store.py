@@ -34,7 +34,7 @@ STORE_VERSION = 1
 
 def store_path(stack_path: Union[str, Path]) -> Path:
     """``stack.tif`` -> ``stack.sam2.zarr`` beside it."""
-    from .batch import stem_of
+    from .io import stem_of
 
     p = Path(stack_path)
     return p.with_name(stem_of(p) + ".sam2.zarr")
@@ -75,22 +75,29 @@ def _mapping(frames) -> dict:
             "dtype": str(np.dtype(frames.dtype)), "slices_sha256": h.hexdigest()}
 
 
-def _encode(model, frames, frame: int):
+def _encoder(model, frames) -> Callable:
+    """``frame -> FrameFeatures`` through the image encoder, as a session computes them."""
     from .model.video import StackSession
 
-    return StackSession(model, frames, feature_cache_mb=0).encode_frame(frame)
+    return StackSession(model, frames, feature_cache_mb=0).encode_frame
+
+
+def _put(group, frame: int, feats) -> None:
+    """One slice's features into its chunks, then its ``done`` flag."""
+    group["image_embed"][frame] = feats.image_embed[0].cpu().numpy()
+    for k, h in enumerate(feats.high_res):
+        group[f"high_res_{k}"][frame] = h[0].cpu().numpy()
+    group["done"][frame] = True
 
 
 def _write_slices(path: str, model, frames, slices: Sequence[int]) -> int:
+    """A worker's share: encode ``slices`` and write them into the store at ``path``."""
     import zarr
 
     group = zarr.open_group(path, mode="r+")
+    encode = _encoder(model, frames)
     for f in slices:
-        feats = _encode(model, frames, int(f))
-        group["image_embed"][f] = feats.image_embed[0].cpu().numpy()
-        for k, h in enumerate(feats.high_res):
-            group[f"high_res_{k}"][f] = h[0].cpu().numpy()
-        group["done"][f] = True
+        _put(group, int(f), encode(int(f)))
     return len(slices)
 
 
@@ -123,7 +130,8 @@ def build_store(out: Union[str, Path], model, frames, *, client=None, load: Opti
 def _build(out: Path, tmp: Path, model, frames, client, load, stack_path, progress) -> Path:
     import zarr
 
-    probe = _encode(model, frames, 0)
+    encode = _encoder(model, frames)
+    probe = encode(0)  # its shapes make the arrays; here it is also slice 0's result
     n = len(frames)
     group = zarr.open_group(str(tmp), mode="w")
     levels = [("image_embed", probe.image_embed)] + [(f"high_res_{k}", h) for k, h in enumerate(probe.high_res)]
@@ -137,7 +145,7 @@ def _build(out: Path, tmp: Path, model, frames, client, load, stack_path, progre
                         **_mapping(frames), "levels": [name for name, _ in levels]})
     if client is None:
         for f in range(n):
-            _write_slices(str(tmp), model, frames, [f])
+            _put(group, f, probe if f == 0 else encode(f))
             if progress is not None:
                 progress(f + 1, n)
     else:

@@ -35,6 +35,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .automatic import PARAM_NAMES, AutoMask, AutomaticMaskGenerator
+from .postprocess import paint_masks, write_masks
 from .preprocess import InputError
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "StackAutoParams",
     "auto_segment_session",
     "interior_point",
+    "is_single_image",
     "proposal_slices",
     "propose",
     "segment_slice",
@@ -129,13 +131,14 @@ def select_masks(
         if area < max(min_area, 1) or area > max_area_fraction * h * w:
             continue
         x0, y0, x1, y1 = m.box
-        window = taken[y0:y1 + 1, x0:x1 + 1]
-        if np.count_nonzero(window & m.crop) > max_overlap * area:
+        window = taken[y0:y1 + 1, x0:x1 + 1]  # a view: only the mask's box is looked at
+        part = m.crop & ~window
+        free = np.count_nonzero(part)
+        if area - free > max_overlap * area or free < max(min_area, 1):
             continue
-        full = m.mask(hw) & ~taken
-        if np.count_nonzero(full) < max(min_area, 1):
-            continue
-        taken |= full
+        window |= part
+        full = np.zeros(hw, bool)
+        full[y0:y1 + 1, x0:x1 + 1] = part
         out.append(full)
     return out
 
@@ -143,16 +146,8 @@ def select_masks(
 def proposal_slices(num_frames: int, key: int, every: int) -> List[int]:
     """The key slice, then every ``every``-th slice outwards, alternating sides, nearest first;
     the first and last slices are always searched (objects cut by the stack's ends)."""
-    below = list(range(key - every, -1, -every))
-    above = list(range(key + every, num_frames, every))
-    if below and below[-1] != 0:
-        below.append(0)
-    if above and above[-1] != num_frames - 1:
-        above.append(num_frames - 1)
-    if not below and key != 0:
-        below = [0]
-    if not above and key != num_frames - 1:
-        above = [num_frames - 1]
+    below = list(range(key - every, 0, -every)) + ([0] if key > 0 else [])
+    above = list(range(key + every, num_frames - 1, every)) + ([num_frames - 1] if key < num_frames - 1 else [])
     out = [key]
     for k in range(max(len(below), len(above))):
         out += above[k:k + 1] + below[k:k + 1]
@@ -234,7 +229,7 @@ def auto_segment_session(
             f, masks = item
             masks = {i: m for i, m in masks.items() if not (i in new and f == skip_frame)}
             if masks:
-                _paint(own[f], masks)
+                paint_masks(own[f], masks)
                 yield f, masks
             if stop():
                 return
@@ -268,7 +263,7 @@ def auto_segment_session(
                 new[obj_id] = session.add_mask(frame, obj_id, part)[obj_id]  # the model's mask from that prompt
             taken |= part | new[obj_id]
         if new:
-            _paint(own[frame], new)
+            paint_masks(own[frame], new)
         yield AutoEvent("found", frame, new, done, len(todo), given)
         if not track or not new:
             continue
@@ -276,14 +271,12 @@ def auto_segment_session(
             yield AutoEvent("tracked", f, masks, done, len(todo))
 
 
-def _paint(sl: np.ndarray, masks: Dict[int, np.ndarray]) -> None:
-    """Each object takes its mask's background pixels (earlier objects keep theirs)."""
-    for obj_id, m in masks.items():
-        sl[sl == obj_id] = 0
-        sl[m & (sl == 0)] = obj_id
-
-
 # ---------------------------------------------------------------------- one call each
+
+
+def is_single_image(shape: Sequence[int]) -> bool:
+    """Whether an array of this shape is one 2D image (H x W, or H x W x RGB(A)), not a stack."""
+    return len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4))
 
 
 def segment_slice(model, image, intensity_range: Optional[Sequence[float]] = None, *, fast: bool = False,
@@ -322,7 +315,7 @@ def segment_stack(
     from .frames import FrameSource
 
     shape = tuple(getattr(stack, "shape", np.shape(stack)))
-    if len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4)):  # H x W x RGB(A)
+    if is_single_image(shape):
         raise InputError(f"a stack (N, H, W) is needed for the stack mode, got a 2D image of shape {shape}; "
                          "use segment_slice for one image")
     gen_params, stack_params = split_params(params)
@@ -347,9 +340,7 @@ def segment_stack(
     run = auto_segment_session(session, generator, params=stack_params, next_id=next_id,
                                occupied=lambda f: np.asarray(out[f]) != 0, should_stop=should_stop)
     for event in run:
-        sl = np.array(out[event.frame])  # works for arrays whose slices are copies (zarr, dask) too
-        _paint(sl, event.masks)
-        out[event.frame] = sl
+        write_masks(out, event.frame, event.masks)  # read, paint, write back: zarr / dask slices too
         if progress is not None:
             progress(event)
         if should_stop is not None and should_stop():

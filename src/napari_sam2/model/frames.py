@@ -15,7 +15,13 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .preprocess import InputError, check_range, resize_to_model, to_unit_rgb
+from .preprocess import (
+    InputError,
+    check_range,
+    percentile_range,
+    resize_to_model,
+    to_unit_rgb,
+)
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -86,13 +92,8 @@ class FrameSource:
             return 0.0, 255.0
         idx = np.unique(np.linspace(0, self.num_frames - 1, min(sample, self.num_frames)).round().astype(int))
         values = np.concatenate([_as_numpy(self.frames[int(i)]).ravel() for i in idx]).astype(np.float64)
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            raise InputError("the sampled slices hold no finite value (all NaN or infinite); give intensity_range")
-        lo, hi = np.percentile(values, percentiles)
-        if hi <= lo:
-            lo, hi = float(values.min()), float(values.max())
-        return float(lo), float(hi)
+        return percentile_range(values[np.isfinite(values)], percentiles,
+                                "the sampled slices hold no finite value (all NaN or infinite); give intensity_range")
 
     def read(self, index: int) -> np.ndarray:
         """The raw slice ``index`` as numpy (H, W) or (H, W, C); checks for NaN."""

@@ -63,3 +63,19 @@ def non_overlapping(logits: torch.Tensor) -> torch.Tensor:
     best = logits.argmax(dim=0, keepdim=True)
     keep = best == torch.arange(logits.shape[0], device=logits.device)[:, None, None, None]
     return torch.where(keep, logits, logits.clamp(max=-10.0))
+
+
+def paint_masks(labels_slice: np.ndarray, masks) -> None:
+    """Paint {obj_id: H x W bool} into a label slice in place: each object's old pixels are
+    cleared and it takes its mask's background pixels (other objects keep theirs)."""
+    for obj_id, mask in masks.items():
+        labels_slice[labels_slice == obj_id] = 0
+        labels_slice[np.asarray(mask, bool) & (labels_slice == 0)] = obj_id
+
+
+def write_masks(labels: np.ndarray, index, masks) -> None:
+    """Paint masks into one slice of a labels array (numpy, zarr, ...): the slice is read,
+    painted with :func:`paint_masks` and written back."""
+    sl = np.array(labels[index])
+    paint_masks(sl, masks)
+    labels[index] = sl

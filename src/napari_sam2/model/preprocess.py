@@ -59,6 +59,18 @@ def default_intensity_range(arr: np.ndarray) -> Tuple[float, float]:
     return lo, hi
 
 
+def percentile_range(values: np.ndarray, percentiles: Sequence[float], empty: str) -> Tuple[float, float]:
+    """(low, high) percentiles of ``values`` (finite numbers), or their min and max when the
+    percentiles coincide; ``empty``: the error's message when there are no values."""
+    values = np.asarray(values, np.float64).ravel()
+    if values.size == 0:
+        raise InputError(empty)
+    lo, hi = np.percentile(values, percentiles)
+    if hi <= lo:
+        lo, hi = values.min(), values.max()
+    return float(lo), float(hi)
+
+
 def check_range(intensity_range: Optional[Sequence[float]]) -> Optional[Tuple[float, float]]:
     if intensity_range is None:
         return None
