@@ -62,8 +62,14 @@ def check_orientations(orientations) -> int:
     return int(orientations)
 
 
-def open_session(model: SAM2Model, frames, *, orientations: int = 1, **session_kwargs) -> Session:
-    """A :class:`StackSession` for 1 orientation (plain SAM 2), else an :class:`EnsembleSession`."""
+def open_session(model: SAM2Model, frames, *, orientations: int = 1, roi=None, **session_kwargs) -> Session:
+    """A :class:`StackSession` for 1 orientation (plain SAM 2), else an :class:`EnsembleSession`;
+    with ``roi`` (a :class:`~napari_sam2.model.roi.Roi`), that session on the region only,
+    in the whole slice's coordinates (:class:`~napari_sam2.model.roi.RoiSession`)."""
+    if roi is not None:
+        from .roi import RoiSession
+
+        return RoiSession(model, frames, roi, orientations=orientations, **session_kwargs)
     if check_orientations(orientations) == 1:
         return StackSession(model, frames, **session_kwargs)
     return EnsembleSession(model, frames, orientations=orientations, **session_kwargs)

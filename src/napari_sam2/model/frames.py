@@ -95,11 +95,15 @@ class FrameSource:
         return percentile_range(values[np.isfinite(values)], percentiles,
                                 "the sampled slices hold no finite value (all NaN or infinite); give intensity_range")
 
-    def read(self, index: int) -> np.ndarray:
-        """The raw slice ``index`` as numpy (H, W) or (H, W, C); checks for NaN."""
+    def read(self, index: int, region: Optional[Tuple[slice, slice]] = None) -> np.ndarray:
+        """The raw slice ``index`` as numpy (H, W) or (H, W, C), or only its ``region``
+        (row and column slices); checks for NaN (in what is read)."""
         if not 0 <= index < self.num_frames:
             raise InputError(f"slice {index} is outside the stack (0..{self.num_frames - 1})")
-        arr = _as_numpy(self.frames[index])
+        arr = self.frames[index]
+        if region is not None:
+            arr = arr[region]
+        arr = _as_numpy(arr)
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             if self.nonfinite == "error":
                 raise InputError(

@@ -1,0 +1,130 @@
+"""Regions of interest: a session on a rectangle of the slices, in whole-slice coordinates.
+
+The expectation is always a session run by hand on the cropped array (an ordinary
+StackSession or EnsembleSession), its masks pasted into zeros by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sam2.model import InputError
+from napari_sam2.model.ensemble import EnsembleSession, open_session
+from napari_sam2.model.frames import FrameSource
+from napari_sam2.model.roi import Roi, RoiSession
+from napari_sam2.model.video import StackSession
+
+from _stacks import present_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return present_tiny_model(64)
+
+
+def wide_stack(n=6, h=90, w=150, seed=3, dtype=np.uint16):
+    """A wide noisy stack with three small bright discs drifting apart."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    v = rng.normal(500, 40, (n, h, w))
+    for t in range(n):
+        for cy, cx, r in ((30, 40, 6), (60, 100, 5), (20, 120, 4)):
+            v[t][(yy - cy - t) ** 2 + (xx - cx + t) ** 2 < r * r] += 900
+    return v.astype(dtype)
+
+
+def pasted(part, top, left, shape):
+    full = np.zeros(shape, bool)
+    full[top : top + part.shape[0], left : left + part.shape[1]] = part
+    return full
+
+
+@pytest.mark.parametrize("orientations", [1, 2])
+def test_roi_session_equals_a_session_on_the_cropped_array(model, orientations):
+    stack = wide_stack()
+    rng = (float(stack.min()), float(stack.max()))
+    top, left, bottom, right = 10, 20, 60, 84  # not square, not at the origin
+    crop = np.ascontiguousarray(stack[:, top:bottom, left:right])
+    by_hand = (StackSession(model, crop, intensity_range=rng) if orientations == 1
+               else EnsembleSession(model, crop, orientations=orientations, intensity_range=rng))
+    roi = RoiSession(model, stack, Roi(top, left, bottom, right), orientations=orientations, intensity_range=rng)
+
+    # a click (object 1) and a box (object 2), given in whole-slice coordinates
+    got = roi.add_points(2, 1, points=[[42, 32]], labels=[1])
+    want = by_hand.add_points(2, 1, points=[[42 - left, 32 - top]], labels=[1])
+    assert got[1].shape == stack.shape[1:] and want[1].any() and not want[1].all()
+    np.testing.assert_array_equal(got[1], pasted(want[1], top, left, stack.shape[1:]))
+    got = roi.add_points(3, 2, box=[30, 40, 52, 58])
+    want = by_hand.add_points(3, 2, box=[30 - left, 40 - top, 52 - left, 58 - top])
+    for k in (1, 2):
+        np.testing.assert_array_equal(got[k], pasted(want[k], top, left, stack.shape[1:]))
+
+    got_run = list(roi.propagate("both"))
+    want_run = list(by_hand.propagate("both"))
+    assert [(z, sorted(m)) for z, m in got_run] == [(z, sorted(m)) for z, m in want_run]
+    assert {z for z, _ in got_run} == set(range(len(stack)))
+    for (z, got_masks), (_, want_masks) in zip(got_run, want_run):
+        for k, want_mask in want_masks.items():
+            np.testing.assert_array_equal(got_masks[k], pasted(want_mask, top, left, stack.shape[1:]))
+            assert not got_masks[k][:top].any() and not got_masks[k][:, right:].any()
+
+
+def test_masks_and_label_seeds_in_whole_slice_coordinates(model):
+    stack = wide_stack(seed=5)
+    top, left = 40, 70
+    roi = Roi.parse("40:90,70:150")
+    assert (roi.top, roi.left, roi.bottom, roi.right) == (40, 70, 90, 150)
+    crop = np.ascontiguousarray(stack[:, 40:90, 70:150])
+    rng = (400.0, 1600.0)
+    by_hand = StackSession(model, crop, intensity_range=rng)
+    session = open_session(model, stack, roi=roi, intensity_range=rng)
+    seeds = np.zeros(stack.shape[1:], np.int32)
+    yy, xx = np.mgrid[0 : stack.shape[1], 0 : stack.shape[2]]
+    seeds[(yy - 61) ** 2 + (xx - 99) ** 2 < 25] = 7
+    got = session.add_labels(1, seeds)
+    want = by_hand.add_mask(1, 7, seeds[40:90, 70:150] == 7)
+    np.testing.assert_array_equal(got[7], pasted(want[7], top, left, stack.shape[1:]))
+    logits = session.add_mask(1, 7, seeds == 7, return_logits=True)[7]
+    assert logits.shape == stack.shape[1:] and (logits[:top] < -100).all()
+
+
+def test_prompts_outside_the_region_are_refused_clearly(model):
+    stack = wide_stack()
+    session = RoiSession(model, stack, Roi(10, 20, 60, 84), intensity_range=(400, 1600))
+    with pytest.raises(InputError, match=r"outside the region of interest \(rows 10:60, columns 20:84\)"):
+        session.add_points(0, 1, points=[[100, 30]], labels=[1])
+    with pytest.raises(InputError, match="outside the region of interest"):
+        session.add_points(0, 1, box=[30, 5, 50, 40])  # starts above it
+    mask = np.zeros(stack.shape[1:], bool)
+    mask[55:65, 30:40] = True  # half below it
+    with pytest.raises(InputError, match=r"50 pixel\(s\) outside the region"):
+        session.add_mask(0, 1, mask)
+    assert session.obj_ids == []  # nothing was taken
+    with pytest.raises(InputError, match="reaches outside the 90 x 150 slice"):
+        RoiSession(model, stack, Roi(0, 0, 91, 20))
+    for bad in ("10:5,0:4", "a:b,c:d", (1, 2, 3)):
+        with pytest.raises(InputError):
+            Roi.parse(bad)
+
+
+def test_regions_around_a_point_and_from_corners():
+    # a square centred on the point, moved inside the slice near its edges
+    assert Roi.around(x=50, y=40, side=20, shape=(100, 200)) == Roi(30, 40, 50, 60)
+    assert Roi.around(x=2, y=98, side=20, shape=(100, 200)) == Roi(80, 0, 100, 20)
+    assert Roi.around(x=5, y=5, side=300, shape=(100, 200)) == Roi(0, 0, 100, 200)
+    # napari's canvas corners (row, col), partly off the image: clipped to the pixels covered
+    assert Roi.from_corners([[-12.3, 40.2], [55.6, 260.0]], (100, 200)) == Roi(0, 40, 57, 200)
+    with pytest.raises(InputError, match="does not cover any pixel"):
+        Roi.from_corners([[-30, -30], [-10, -5]], (100, 200))
+
+
+def test_nan_in_the_region_is_reported_by_the_stack(model):
+    stack = wide_stack().astype(np.float32)
+    stack[2, 15, 30] = np.nan  # inside the region
+    stack[4, 80, 140] = np.nan  # outside: never read
+    frames = FrameSource(stack, (400, 1600), nonfinite="background")
+    session = RoiSession(model, frames, Roi(10, 20, 60, 84))
+    session.add_points(2, 1, points=[[40, 30]], labels=[1])
+    list(session.propagate("both"))
+    assert session.frames.nonfinite_found() == [2]
