@@ -128,3 +128,78 @@ def test_nan_in_the_region_is_reported_by_the_stack(model):
     session.add_points(2, 1, points=[[40, 30]], labels=[1])
     list(session.propagate("both"))
     assert session.frames.nonfinite_found() == [2]
+
+
+# ---------------------------------------------------------------------- the controller
+
+LIMITS = (400.0, 1600.0)
+
+
+def by_hand_labels(model, stack, regions_clicks, slices):
+    """Labels from one plain session per object on its cropped array (corrections kept as
+    conditioning, as the annotator does), each mask pasted by hand; objects in id order."""
+    labels = np.zeros(stack.shape, np.uint16)
+    for obj_id, ((top, left, bottom, right), (frame, x, y)) in sorted(regions_clicks.items()):
+        crop = np.ascontiguousarray(stack[:, top:bottom, left:right])
+        s = StackSession(model, FrameSource(crop, LIMITS), corrections_as_conditioning=True)
+        s.add_points(frame, obj_id, points=[[x - left, y - top]], labels=[1])
+        for z, masks in s.propagate("both"):
+            if z in slices:
+                sl = labels[z, top:bottom, left:right]
+                sl[masks[obj_id] & (sl == 0)] = obj_id
+    return labels
+
+
+def test_annotator_objects_in_their_own_regions_equal_sessions_on_crops(model, tmp_path):
+    from napari_sam2.controller import Annotator
+
+    stack = wide_stack(n=5, seed=8)
+    ann = Annotator(model, stack, axis=0, displayed=(1, 2), intensity_range=LIMITS, roi="10:60,20:84")
+    ann.set_prompts((2, 0, 0), 1, points=[(32, 42)], labels=[1])  # (row, col)
+    assert ann.objects[1].roi == Roi(10, 20, 60, 84)
+    ann.set_roi(Roi(30, 88, 90, 150))
+    ann.set_prompts((1, 0, 0), 2, points=[(61, 99)], labels=[1])
+    ann.propagate((1, 0, 0), objects=[1, 2])
+    want = by_hand_labels(model, stack, {1: ((10, 20, 60, 84), (2, 42, 32)), 2: ((30, 88, 90, 150), (1, 99, 61))},
+                          range(5))
+    assert (want == 1).any() and (want == 2).any()
+    np.testing.assert_array_equal(ann.labels, want)
+
+    # a click outside the object's region is refused, and nothing changes
+    errors = []
+    ann.on_notify = lambda level, text: errors.append(text)
+    before = ann.labels.copy()
+    ann.set_prompts((3, 0, 0), 1, points=[(80, 140)], labels=[1])
+    assert errors and "outside the region of interest (rows 10:60, columns 20:84)" in errors[-1]
+    np.testing.assert_array_equal(ann.labels, before)
+    assert 3 not in {k[0] for k in ann.objects[1].prompts}
+
+    # save, resume in a new annotator: each object comes back in its own region
+    path = ann.save(tmp_path / "s.sam2.json")
+    again = Annotator(model, stack, axis=0, displayed=(1, 2), intensity_range=LIMITS)
+    again.resume(path, propagate=True)
+    assert again.objects[1].roi == Roi(10, 20, 60, 84) and again.objects[2].roi == Roi(30, 88, 90, 150)
+    np.testing.assert_array_equal(again.labels, want)
+    assert again.roi is None  # the resumed objects' regions are theirs, not the next object's
+
+    # delete object 2, undo: it is tracked in its region again
+    ann.delete_object(2)
+    assert not (ann.labels == 2).any()
+    ann.undo()
+    ann.propagate((1, 0, 0), objects=[2])
+    np.testing.assert_array_equal(ann.labels, want)
+
+
+def test_automatic_region_is_a_model_sized_square_around_the_first_click(model):
+    from napari_sam2.controller import Annotator
+
+    stack = wide_stack(n=4, seed=9)
+    ann = Annotator(model, stack, axis=0, displayed=(1, 2), intensity_range=LIMITS, roi="auto")
+    ann.set_prompts((1, 0, 0), 1, points=[(22, 118)], labels=[1])
+    # 64 px (the model's input) centred on the click, moved inside the 90 x 150 slice
+    assert ann.objects[1].roi == Roi(0, 86, 64, 150)
+    ann.propagate((1, 0, 0))
+    np.testing.assert_array_equal(ann.labels, by_hand_labels(model, stack, {1: ((0, 86, 64, 150), (1, 118, 22))},
+                                                             range(4)))
+    with pytest.raises(InputError, match="outside the 90 x 150 slice"):
+        ann.set_roi((0, 0, 100, 10))

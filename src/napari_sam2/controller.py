@@ -26,6 +26,7 @@ import numpy as np
 from .jobs import Executor, Job, JobQueue, SyncExecutor
 from .model.geometry import data_point, data_to_view, on_slice, point_rc, view_to_data
 from .model.preprocess import InputError
+from .model.roi import Roi
 from .segmenter import StackSegmenter, write_masks
 
 UNDO_DEPTH = 50
@@ -62,6 +63,7 @@ class AnnotatedObject:
     version: int = 0  # changes with every prompt change
     propagated: Optional[int] = None  # the version its last propagation started from
     deleting: bool = False  # a deletion is queued
+    roi: Optional[Roi] = None  # the region of the slices it is tracked on (None: whole slices)
 
 
 @dataclass
@@ -103,7 +105,7 @@ class Annotator:
 
     model: a loaded SAM2Model; image: any array-like (2D, Z-Y-X, T-Z-Y-X, optionally
     RGB); axis: the axis to propagate along (None for 2D); displayed: the (row, column)
-    axes; labels: the array masks are written into (the image's shape without RGB; a
+    axes; roi: where new objects are tracked (:meth:`set_roi`); labels: the array masks are written into (the image's shape without RGB; a
     new uint16 array if None) — labels already in it are the user's and are never
     written or erased; executor: where work runs (:class:`~napari_sam2.jobs.SyncExecutor`
     by default: at once). Other keywords (intensity_range, orientations, fast, nonfinite,
@@ -129,6 +131,7 @@ class Annotator:
         stop_after: Optional[int] = None,
         executor: Optional[Executor] = None,
         model_info: Optional[dict] = None,
+        roi=None,
         **segmenter_kwargs,
     ) -> None:
         segmenter_kwargs.setdefault("corrections_as_conditioning", True)
@@ -152,12 +155,15 @@ class Annotator:
         self._next_free = 0  # while an automatic run hands out labels: the lowest it has not given
         self._ids = threading.Lock()
         self._running: Optional[dict] = None  # the undo entry of the running propagation
+        self.roi: Union[None, str, Roi] = None  # where new objects are tracked: see set_roi
         self.status = ""
         self.on_labels: Callable[[bool], None] = _noop
         self.on_status: Callable[[str], None] = _noop
         self.on_notify: Callable[[str, str], None] = _noop
         self.on_objects: Callable[[], None] = _noop
         self.on_restore: Callable[[object], None] = _noop
+        if roi is not None:
+            self.set_roi(roi)
 
     # ------------------------------------------------------------------ small helpers
 
@@ -246,6 +252,47 @@ class Annotator:
             self._say(f"Label {obj_id} was in the labels before the session, so SAM 2 never writes it: "
                       "prompts now start a new object.")
 
+    # ------------------------------------------------------------------ regions of interest
+
+    def set_roi(self, roi) -> Optional[Roi]:
+        """Where objects made from now on are tracked: None (whole slices), a region (a
+        :class:`~napari_sam2.model.roi.Roi`, (top, left, bottom, right) or "ROW0:ROW1,COL0:COL1"
+        in pixels of the displayed axes), or "auto" (a square of the model's input size around
+        each new object's first prompt, larger for a larger box or mask). A region is seen at
+        the model's full input size, so small objects in a large slice keep their detail.
+        Objects made before keep their own region. Returns the region (None for auto or whole)."""
+        if isinstance(roi, str) and roi.strip().lower() == "auto":
+            self.roi = "auto"
+            self._say(f"New objects are tracked on a region of about {self.segmenter.model.image_size} px around "
+                      "their first prompt.")
+            return None
+        region = self.segmenter.region(roi)
+        self.roi = region
+        self._say("New objects are tracked on whole slices." if region is None else
+                  f"New objects are tracked on rows {region.top}:{region.bottom}, columns "
+                  f"{region.left}:{region.right} (prompts must lie inside it).")
+        return region
+
+    def _region_for(self, prompts: "SlicePrompts") -> Optional[Roi]:
+        """The region a new object with these first prompts is tracked on."""
+        if self.roi != "auto":
+            return self.roi
+        seg = self.segmenter
+        if prompts.mask is not None:
+            rows, cols = np.nonzero(prompts.mask)
+            if not rows.size:
+                return None
+            lo, hi = np.array([rows.min(), cols.min()]), np.array([rows.max(), cols.max()])
+        else:
+            pts = [*prompts.points, *(prompts.box or ())]
+            if not pts:
+                return None
+            rc = np.asarray(pts, np.float64).reshape(-1, 2)
+            lo, hi = rc.min(0), rc.max(0)
+        side = max(seg.model.image_size, int(np.ceil(2 * float((hi - lo).max()))) + 1)
+        centre = (lo + hi) / 2
+        return seg.region(Roi.around(x=centre[1], y=centre[0], side=side, shape=seg.slice_shape))
+
     def object_for_prompt(self) -> int:
         """The object a new prompt belongs to: the active one, or a new one if the active
         label is one of the user's own (or 0)."""
@@ -302,12 +349,7 @@ class Annotator:
         obj.deleting = True
 
         def work():
-            with seg.lock:
-                snaps = {k: s.snapshot(obj.obj_id) for k, s in seg.sessions.items()}
-                for s in seg.sessions.values():
-                    if obj.obj_id in s.objects:
-                        s.remove_object(obj.obj_id)
-            return snaps
+            return seg.take_out(obj.obj_id)
 
         def done(snaps):
             obj.deleting = False
@@ -412,7 +454,7 @@ class Annotator:
             if prompts.empty:
                 return
             self.ensure_fits(obj_id)
-            obj = self.objects[obj_id] = AnnotatedObject(obj_id)
+            obj = self.objects[obj_id] = AnnotatedObject(obj_id, roi=self._region_for(prompts))
         previous = obj.prompts.get(key)
         tags = [tag] if tag is not None else []
         waiting = self.queue.pending((kind, obj_id, key))
@@ -436,12 +478,13 @@ class Annotator:
             with seg.lock:
                 snap = seg.snapshot(key, obj_id)
                 if prompts.mask is not None:
-                    return snap, True, seg.set_mask(key, obj_id, prompts.mask)
+                    return snap, True, seg.set_mask(key, obj_id, prompts.mask, roi=obj.roi)
                 if prompts.box is not None:
                     return snap, True, seg.set_box(key, obj_id, prompts.box, list(prompts.points) or None,
-                                                   list(prompts.labels) or None)
+                                                   list(prompts.labels) or None, roi=obj.roi)
                 if prompts.points:
-                    return snap, True, seg.set_points(key, obj_id, list(prompts.points), list(prompts.labels))
+                    return snap, True, seg.set_points(key, obj_id, list(prompts.points), list(prompts.labels),
+                                                      roi=obj.roi)
                 return snap, seg.forget_slice(key, obj_id), None
 
         def done(result):
@@ -464,7 +507,7 @@ class Annotator:
                 self._write(index, {obj_id: np.zeros(self.labels[index].shape, bool) if mask is None
                                     else seg.to_data_order(mask)})
                 if mask is not None:
-                    warning = seg.small_object_warning(mask, prompts.box)
+                    warning = seg.small_object_warning(mask, prompts.box, roi=obj.roi)
                     if warning:
                         self.on_notify("warning", f"napari-sam2: {warning}")
                         self._say(warning)
@@ -602,6 +645,7 @@ class Annotator:
 
         seg = self.segmenter
         key = self.slice_key(position)
+        region = None if self.roi == "auto" else self.roi  # "auto" regions follow prompts: none here
         try:
             if self._propagation is not None:
                 raise InputError("a propagation is already running: wait for it or cancel it (Esc)")
@@ -643,7 +687,7 @@ class Annotator:
 
         def gen():
             with seg.lock:
-                session = seg.session(key)
+                session = seg.session(key, roi=region)
                 entry["snaps"] = {i: seg.snapshot(key, i) for i in waiting}
             # the engine lock is taken per slice and per prompt, not while proposals are searched
             yield from auto_segment_session(session, generator, params=stack_params, next_id=next_id,
@@ -661,7 +705,7 @@ class Annotator:
                 self.ensure_fits(max(event.masks))
                 fkey = tuple(event.frame if a == seg.axis else v for a, v in enumerate(key))
                 for obj_id, mask in event.prompts.items():
-                    obj = self.objects[obj_id] = AnnotatedObject(obj_id)
+                    obj = self.objects[obj_id] = AnnotatedObject(obj_id, roi=region)
                     obj.prompts[fkey] = SlicePrompts(mask=mask)
                     obj.version += 1
                     versions[obj_id] = obj.version
@@ -795,9 +839,7 @@ class Annotator:
         def work():
             with seg.lock:
                 if entry["kind"] == "delete":
-                    for k, snap in entry["snaps"].items():
-                        if snap is not None:  # a session dropped meanwhile is opened again
-                            seg.session(self._position_of(k)).restore(entry["obj"].obj_id, snap)
+                    seg.put_back(entry["obj"].obj_id, entry["snaps"])
                 elif entry["kind"] == "propagation":
                     for i, snap in entry["snaps"].items():
                         seg.restore(entry["key"], i, snap)
@@ -822,11 +864,6 @@ class Annotator:
 
         self.queue.submit(("undo", len(self._undo)), Job(work, on_result=done, on_error=self._failed("undoing")))
         return entry["kind"]
-
-    def _position_of(self, session_key: tuple) -> tuple:
-        """A position inside the session whose fixed coordinates are ``session_key``."""
-        fixed = iter(session_key)
-        return tuple(0 if a == self.axis or a in self.displayed else next(fixed) for a in range(self.ndim))
 
     def _undo_labels(self, entry: dict) -> None:
         kind = entry["kind"]
@@ -935,7 +972,10 @@ class Annotator:
                 if p.mask is not None:
                     item["mask"] = encode_mask(view_to_data(p.mask, self.displayed))
                 prompts.append(item)
-            objects.append({"id": obj.obj_id, "hidden": obj.hidden, "prompts": prompts})
+            item = {"id": obj.obj_id, "hidden": obj.hidden, "prompts": prompts}
+            if obj.roi is not None:  # rows and columns of the displayed axes
+                item["roi"] = [obj.roi.top, obj.roi.left, obj.roi.bottom, obj.roi.right]
+            objects.append(item)
         return {
             "format": SESSION_FORMAT,
             "version": SESSION_VERSION,
@@ -997,8 +1037,10 @@ class Annotator:
             self.labels[...] = np.where(self.labels == 0, saved, self.labels)
             self.user_labels = self.user_labels | (frozenset(int(v) for v in record.get("user_labels", ())))
             self.on_labels(False)
+        chosen = self.roi
         for item in record["objects"]:
             obj_id = int(item["id"])
+            self.roi = None if item.get("roi") is None else self.segmenter.region(item["roi"])  # its own region
             for p in item["prompts"]:
                 key = self.slice_key(p["slice"])
                 if "mask" in p:
@@ -1011,6 +1053,7 @@ class Annotator:
                                      box=None if box is None else [point_rc(c, self.displayed) for c in box])
             if item.get("hidden") and obj_id in self.objects:
                 self.objects[obj_id].hidden = True
+        self.roi = chosen
         self.active = self.next_label()
         self.on_objects()
         # the resumed state is where undo starts (its prompts are not changes to take back)

@@ -28,6 +28,7 @@ from .model.geometry import (
 )
 from .model.postprocess import write_masks
 from .model.preprocess import InputError
+from .model.roi import Roi
 from .model.session import Session
 
 __all__ = ["AxisView", "StackSegmenter", "write_masks"]  # AxisView and write_masks live in model/
@@ -44,6 +45,11 @@ class StackSegmenter:
     nonfinite: "error" or "background" for NaN / infinite voxels (see
     :class:`~napari_sam2.model.frames.FrameSource`).
     Other keyword arguments go to each :class:`StackSession`.
+
+    Regions of interest: each session runs on the whole slice or on one rectangle of it
+    (a :class:`~napari_sam2.model.roi.Roi` in (row, column) pixels of the displayed axes,
+    seen at the model's full input size). A new object goes to the session of the region
+    its first prompt names (``roi=``); later prompts of that object go where it lives.
 
     Work on the sessions is serialised: every call holds one lock, and a propagation
     holds it one slice at a time, so a click given while a propagation runs is done
@@ -80,7 +86,7 @@ class StackSegmenter:
         self.session_kwargs = session_kwargs
         self.nonfinite = nonfinite
         self.feature_store = feature_store  # an embedding store of the whole stack (napari_sam2.store)
-        self._store_sessions: set = set()  # sessions reading it
+        self._store_sessions: set = set()  # keys of the sessions reading it
         self._messages: List[str] = []
         self.sessions: "OrderedDict[tuple, Session]" = OrderedDict()
         self.lock = threading.RLock()
@@ -102,29 +108,63 @@ class StackSegmenter:
         """The stack of slices (in view order) of the session at ``position``."""
         return AxisView(self.image, axis=self.axis, displayed=self.displayed, fixed=self._fixed(position), rgb=self.rgb)
 
+    @property
+    def slice_shape(self) -> Tuple[int, int]:
+        """(rows, columns) of a slice: the displayed axes' sizes."""
+        return int(self.image.shape[self.displayed[0]]), int(self.image.shape[self.displayed[1]])
+
+    def region(self, roi) -> Optional[Roi]:
+        """``roi`` checked against the slices (None, or a region covering the whole slice: None)."""
+        if roi is None:
+            return None
+        r = Roi.parse(roi).inside(self.slice_shape)
+        return None if r.is_whole(self.slice_shape) else r
+
     #: sessions (fixed positions, e.g. time points of a T-Z-Y-X movie) that keep their
     #: slice features; older ones drop their features, and are dropped when they hold no object
     keep_sessions = 2
 
-    def session(self, position: Sequence[int]) -> Session:
-        k = self.key(position)
+    def session(self, position: Sequence[int], roi=None) -> Session:
+        """The session of the stack at ``position`` on region ``roi`` (None: whole slices)."""
+        k = (self.key(position), self.region(roi))
         with self.lock:
             if k not in self.sessions:
                 frames = FrameSource(self.view(position), self.intensity_range, nonfinite=self.nonfinite)
                 kwargs = dict(self.session_kwargs)
-                features = self._store_features(k, frames)
+                features = self._store_features(k, frames) if k[1] is None else None
                 if features is not None:
                     kwargs["compute_features"] = features
-                self.sessions[k] = open_session(self.model, frames, orientations=self.orientations, **kwargs)
+                self.sessions[k] = open_session(self.model, frames, orientations=self.orientations, roi=k[1], **kwargs)
                 self._evict()
             self.sessions.move_to_end(k)
             return self.sessions[k]
+
+    def _sessions_at(self, position: Sequence[int]) -> List[Tuple[Optional[Roi], Session]]:
+        """The sessions (whole slices and regions) of the stack at ``position``."""
+        k = self.key(position)
+        return [(r, s) for (kk, r), s in list(self.sessions.items()) if kk == k]
+
+    def _holder(self, position: Sequence[int], obj_id: int) -> Optional[Tuple[Optional[Roi], Session]]:
+        """(region, session) that holds ``obj_id`` at ``position``, or None."""
+        for r, s in self._sessions_at(position):
+            if obj_id in s.objects:
+                return r, s
+        return None
+
+    def _session_for(self, position: Sequence[int], obj_id: int, roi) -> Session:
+        held = self._holder(position, obj_id)
+        return held[1] if held is not None else self.session(position, roi)
+
+    def region_of(self, position: Sequence[int], obj_id: int) -> Optional[Roi]:
+        """The region the object ``obj_id`` is tracked on at ``position`` (None: whole slices or unknown)."""
+        held = self._holder(position, obj_id)
+        return None if held is None else held[0]
 
     def _store_features(self, key: tuple, frames):
         """The store's features for a new session, when it matches (else None, with a message)."""
         if self.feature_store is None:
             return None
-        if self.orientations != 1 or key != () or self.axis != 0 or self.displayed != (1, 2):
+        if self.orientations != 1 or key != ((), None) or self.axis != 0 or self.displayed != (1, 2):
             self._messages.append("the embedding store is used with 1 orientation on a 3D stack seen as it was "
                                   "stored (slices along the first axis); features are computed")
             self.feature_store = None  # said once
@@ -176,10 +216,11 @@ class StackSegmenter:
                     self._store_sessions.discard(k)
                     self._messages.append("the contrast changed, so the embedding store no longer matches; "
                                           "features are computed from now on")
-            if self.feature_store is not None and () in self.sessions and () not in self._store_sessions:
+            whole = ((), None)
+            if self.feature_store is not None and whole in self.sessions and whole not in self._store_sessions:
                 # the new contrast may be the store's: try it again for the stack's session
-                s = self.sessions[()]
-                features = self._open_store((), s.frames, say_refusal=False)
+                s = self.sessions[whole]
+                features = self._open_store(whole, s.frames, say_refusal=False)
                 if features is not None:
                     s.use_features(features)
 
@@ -195,18 +236,20 @@ class StackSegmenter:
         """Positions (labels indices) of slices found since the last call to hold NaN or
         infinite values that were treated as background."""
         news = []
-        for k, s in list(self.sessions.items()):
+        for (k, _roi), s in list(self.sessions.items()):
             for f in s.frames.nonfinite_found():
                 if (k, f) not in self._reported_nonfinite:
                     self._reported_nonfinite.add((k, f))
                     news.append((k, f))
         return news
 
-    def small_object_warning(self, mask: np.ndarray, box=None, *, min_model_pixels: float = 12.0) -> Optional[str]:
-        """A sentence when a slice is shrunk so much for the model that the object is a few
-        pixels or nothing at the model's input: judged from the box drawn (two corners as
-        (row, col)) when there is one, else from ``mask``, the prompt's result."""
-        h, w = mask.shape[-2:]
+    def small_object_warning(self, mask: np.ndarray, box=None, *, roi=None,
+                             min_model_pixels: float = 12.0) -> Optional[str]:
+        """A sentence when a slice (or the region ``roi`` it is worked on) is shrunk so much
+        for the model that the object is a few pixels or nothing at the model's input: judged
+        from the box drawn (two corners as (row, col)) when there is one, else from ``mask``,
+        the prompt's result."""
+        h, w = mask.shape[-2:] if roi is None else Roi.parse(roi).shape
         size = self.model.image_size
         shrink = max(h, w) / size
         if shrink < 1.5:
@@ -221,21 +264,51 @@ class StackSegmenter:
             return None
         what = "an empty mask" if area == 0 else f"an object of about {area:.0f} pixels"
         return (
-            f"the slice ({w} x {h} pixels) is shrunk {shrink:.1f} times to the model's {size} px input, "
-            f"where this prompt is {what}: small objects vanish at that scale. Crop the image around "
-            "the objects (or use a model with a larger input) for objects this small."
+            f"the {'slice' if roi is None else 'region'} ({w} x {h} pixels) is shrunk {shrink:.1f} times to the "
+            f"model's {size} px input, where this prompt is {what}: small objects vanish at that scale. Work on "
+            f"a region around the objects ('Work in this view' after zooming in, or a region of about {size} px) "
+            "for objects this small."
         )
 
     # ------------------------------------------------------------ undo
 
     def snapshot(self, position, obj_id: int):
-        """The engine's state of one object at a position, for :meth:`restore` (undo)."""
+        """The engine's state of one object at a position (with its region), for :meth:`restore`
+        (undo); None when the object is not there."""
         with self.lock:
-            return self.session(position).snapshot(obj_id)
+            held = self._holder(position, obj_id)
+            return None if held is None else (held[0], held[1].snapshot(obj_id))
 
     def restore(self, position, obj_id: int, snapshot) -> None:
+        """Put an object back as :meth:`snapshot` saw it (None: it goes)."""
         with self.lock:
-            self.session(position).restore(obj_id, snapshot)
+            held = self._holder(position, obj_id)
+            if held is not None:
+                held[1].remove_object(obj_id)
+            if snapshot is not None:
+                roi, state = snapshot
+                self.session(position, roi).restore(obj_id, state)
+
+    def take_out(self, obj_id: int) -> Dict[tuple, object]:
+        """Remove an object from every session (all positions); returns what :meth:`put_back` needs."""
+        with self.lock:
+            snaps = {}
+            for (k, roi), s in list(self.sessions.items()):
+                if obj_id in s.objects:
+                    snaps[(k, roi)] = s.snapshot(obj_id)
+                    s.remove_object(obj_id)
+            return snaps
+
+    def put_back(self, obj_id: int, snaps: Dict[tuple, object]) -> None:
+        """Undo :meth:`take_out` (a session dropped meanwhile is opened again)."""
+        with self.lock:
+            for (k, roi), snap in snaps.items():
+                self.session(self._position_of(k), roi).restore(obj_id, snap)
+
+    def _position_of(self, key: tuple) -> tuple:
+        """A position inside the session whose fixed coordinates are ``key``."""
+        fixed = iter(key)
+        return tuple(0 if a == self.axis or a in self.displayed else next(fixed) for a in range(self.ndim))
 
     def to_data_order(self, mask: np.ndarray) -> np.ndarray:
         """A mask in view order (rows, columns) -> the array's own axis order."""
@@ -249,19 +322,16 @@ class StackSegmenter:
     def skipped(self, position: Sequence[int]) -> Dict[int, List[tuple]]:
         """{obj_id: labels indices of the slices its last propagation left out (early stop)}.
         Reads without waiting for running work (the GUI thread calls it)."""
-        s = self.sessions.get(self.key(position))
-        if s is None:
-            return {}
         out = {}
-        for i in list(s.obj_ids):
-            with contextlib.suppress(InputError):  # removed meanwhile by a click's worker
-                out[i] = [self.label_index(position, f) for f in s.skipped_frames(i)]
+        for _roi, s in self._sessions_at(position):
+            for i in list(s.obj_ids):
+                with contextlib.suppress(InputError):  # removed meanwhile by a click's worker
+                    out[i] = [self.label_index(position, f) for f in s.skipped_frames(i)]
         return out
 
     def has_objects(self, position: Sequence[int]) -> bool:
-        """Whether the session at ``position`` holds an object (without waiting for running work)."""
-        s = self.sessions.get(self.key(position))
-        return bool(s is not None and s.objects)
+        """Whether a session at ``position`` holds an object (without waiting for running work)."""
+        return any(s.objects for _roi, s in self._sessions_at(position))
 
     def label_index(self, position: Sequence[int], slice_idx: int) -> tuple:
         """The index into a labels array (image shape without RGB) of one slice."""
@@ -269,46 +339,50 @@ class StackSegmenter:
 
     # ------------------------------------------------------------ prompts
 
-    def set_points(self, position, obj_id: int, rows_cols, labels) -> np.ndarray:
+    def set_points(self, position, obj_id: int, rows_cols, labels, *, roi=None) -> np.ndarray:
         """Replace an object's clicks on the slice at ``position``; returns its H x W mask.
 
-        rows_cols: N x 2 coordinates in the displayed axes; labels: 1 / 0.
+        rows_cols: N x 2 coordinates in the displayed axes; labels: 1 / 0; roi: the region a
+        new object is tracked on (an existing object stays where it is).
         """
         with self.lock:
-            masks = self.session(position).add_points(self.slice_of(position), obj_id, points=rc_to_xy(rows_cols), labels=labels)
+            session = self._session_for(position, obj_id, roi)
+            masks = session.add_points(self.slice_of(position), obj_id, points=rc_to_xy(rows_cols), labels=labels)
         return masks[obj_id]
 
-    def set_box(self, position, obj_id: int, corners, rows_cols=None, labels=None) -> np.ndarray:
+    def set_box(self, position, obj_id: int, corners, rows_cols=None, labels=None, *, roi=None) -> np.ndarray:
         """A box (two opposite corners as (row, col)) plus optional clicks; returns the mask."""
         box = corners_to_box(corners)
         pts = None if rows_cols is None or len(rows_cols) == 0 else rc_to_xy(rows_cols)
         with self.lock:
-            masks = self.session(position).add_points(
+            masks = self._session_for(position, obj_id, roi).add_points(
                 self.slice_of(position), obj_id, points=pts, labels=None if pts is None else labels, box=box
             )
         return masks[obj_id]
 
-    def set_mask(self, position, obj_id: int, mask: np.ndarray) -> np.ndarray:
+    def set_mask(self, position, obj_id: int, mask: np.ndarray, *, roi=None) -> np.ndarray:
         with self.lock:
-            masks = self.session(position).add_mask(self.slice_of(position), obj_id, mask)
+            masks = self._session_for(position, obj_id, roi).add_mask(self.slice_of(position), obj_id, mask)
         return masks[obj_id]
 
     def forget_slice(self, position, obj_id: int) -> bool:
         """Forget an object's prompts on one slice; an object left with no prompt at all is
         removed. Returns whether the object still exists."""
         with self.lock:
-            s = self.session(position)
-            if obj_id in s.objects:
-                s.clear_frame(self.slice_of(position), obj_id)
-                if not s.objects[obj_id].prompted_frames:
-                    s.remove_object(obj_id)
+            held = self._holder(position, obj_id)
+            if held is None:
+                return False
+            s = held[1]
+            s.clear_frame(self.slice_of(position), obj_id)
+            if not s.objects[obj_id].prompted_frames:
+                s.remove_object(obj_id)
             return obj_id in s.objects
 
-    def prefetch(self, position, frames: Sequence[int]) -> None:
+    def prefetch(self, position, frames: Sequence[int], roi=None) -> None:
         """Compute slice features ahead, one slice at a time (other work can come between)."""
         for f in frames:
             with self.lock:
-                self.session(position).prefetch([f])
+                self.session(position, roi).prefetch([f])
 
     def propagate(
         self, position, direction: str = "both", frame_range=None, **options
@@ -320,12 +394,26 @@ class StackSegmenter:
         """
         if self.axis is None:
             raise InputError("this image is 2D: there is no axis to propagate along")
+        ids = options.pop("obj_ids", None)
+        lo, hi = (-np.inf, np.inf) if frame_range is None else frame_range
         with self.lock:
-            run = self.session(position).propagate(direction, frame_range=frame_range, **options)
-        while True:
-            with self.lock:  # the first step checks and commits the prompts
-                item = next(run, None)
-            if item is None:
-                return
-            f, masks = item
-            yield self.label_index(position, f), {k: self.to_data_order(m) for k, m in masks.items()}
+            # each session (the whole slices, each region) tracks its own objects, one after
+            # the other; one with no object prompted inside the range is left out
+            runs = []
+            for _roi, s in self._sessions_at(position):
+                mine = [i for i in s.obj_ids if ids is None or i in {int(v) for v in ids}]
+                if any(lo <= f <= hi for i in mine for f in s.objects[i].prompted_frames):
+                    runs.append((s, mine))
+            if not runs:  # the session says what is missing
+                runs = [(self.session(position), None if ids is None else [int(v) for v in ids])]
+        for s, mine in runs:
+            with self.lock:
+                run = s.propagate(direction, frame_range=frame_range, **options,
+                                  **({} if ids is None else {"obj_ids": mine}))
+            while True:
+                with self.lock:  # the first step checks and commits the prompts
+                    item = next(run, None)
+                if item is None:
+                    break
+                f, masks = item
+                yield self.label_index(position, f), {i: self.to_data_order(m) for i, m in masks.items()}
