@@ -36,6 +36,8 @@ STOP_ITEMS = [("never", 0), ("1 empty slice", 1), ("2 empty slices", 2), ("3 emp
 POSITIVE_COLOR, NEGATIVE_COLOR = "#33ff33", "#ff3355"
 STATUS_CHARS = 240  # longer messages are cut in the status line (the whole text is its tooltip)
 DOCK_MAX_WIDTH = 460
+REGION_WHOLE, REGION_VIEW, REGION_AROUND = "whole slices", "this view", "around each object"
+REGION_CHOICES = [REGION_WHOLE, REGION_VIEW, REGION_AROUND]
 
 
 def _notify_error(msg: str) -> None:
@@ -99,6 +101,14 @@ class SAM2Widget(Container):
             tooltip="Find every object on this slice and every few slices, and track each both ways as far as it "
             "exists. Cancel (Esc) keeps what is done; Ctrl+Z takes the whole run back.")
         self._cancel_btn = PushButton(text="Cancel [Esc]", enabled=False)
+        self._region_combo = ComboBox(
+            label="Track new objects on", choices=REGION_CHOICES, value=REGION_WHOLE,
+            tooltip="The model sees what it tracks resized to its input size: on a large slice small objects "
+            "lose their detail. 'This view' tracks on the part of the slice now on screen (zoom in first); "
+            "'around each object' on a square of the model's input size around its first prompt. Objects "
+            "keep the region they were made in.")
+        self._region_btn = PushButton(text="Work in this view [Shift+V]",
+                                      tooltip="Track new objects on the part of the slice now on screen.")
         from .objects_panel import ObjectsPanel
 
         self._panel = ObjectsPanel(on_delete=lambda ids: [self.delete_object(i) for i in ids],
@@ -112,7 +122,7 @@ class SAM2Widget(Container):
         self.extend([
             self._image_combo, self._model_combo, self._checkpoint, self._device_combo, self._fast, self._orientations,
             self._axis_combo, self._output_combo, self._start_btn, self._new_obj_btn, self._polarity_btn, self._fwd_btn,
-            self._back_btn, self._both_btn, self._stop_after, self._auto_slice_btn, self._auto_stack_btn, self._cancel_btn, self._panel, self._undo_btn, self._axes_edit, self._save_btn, self._resume_btn,
+            self._back_btn, self._both_btn, self._stop_after, self._auto_slice_btn, self._auto_stack_btn, self._cancel_btn, self._region_combo, self._region_btn, self._panel, self._undo_btn, self._axes_edit, self._save_btn, self._resume_btn,
             self._status,
         ])
         self._status.native.setWordWrap(True)  # long messages wrap instead of widening the window
@@ -120,7 +130,7 @@ class SAM2Widget(Container):
         self._model = self._model_key = self._loaded_choice = None
         self._controller = None
         self._retired: list = []  # controllers of ended sessions whose work still runs
-        self._image_layer = self._points = self._shapes = self._labels = None
+        self._image_layer = self._points = self._shapes = self._labels = self._region_layer = None
         self._positive = True
         self._loading = False
         self._fresh_labels = False  # the next session writes into a new labels layer (resume)
@@ -141,6 +151,8 @@ class SAM2Widget(Container):
         self._auto_slice_btn.changed.connect(lambda: self.segment_everything(whole_stack=False))
         self._auto_stack_btn.changed.connect(lambda: self.segment_everything(whole_stack=True))
         self._cancel_btn.changed.connect(lambda: self.cancel())
+        self._region_combo.changed.connect(lambda _v: self._apply_region())
+        self._region_btn.changed.connect(lambda: self.work_in_view())
         self._undo_btn.changed.connect(lambda: self.undo())
         self._save_btn.changed.connect(lambda: self._save_dialog())
         self._resume_btn.changed.connect(lambda: self._resume_dialog())
@@ -485,6 +497,7 @@ class SAM2Widget(Container):
         layer.events.contrast_limits.connect(self._on_contrast)
         self._sync_defaults()
         self._on_objects()
+        self._apply_region()
         self._set_status(f"Click on an object (positive: left click; T toggles negative). Label {ann.active} is active.")
         ann.prefetch(self.position)
 
@@ -529,7 +542,7 @@ class SAM2Widget(Container):
         for layer in (self._points, self._shapes, self._labels):
             for key, action in (("n", self.new_object), ("t", self.toggle_polarity), ("Escape", self.cancel),
                                 ("Shift-F", lambda: self.propagate("forward")), ("Shift-B", lambda: self.propagate("backward")),
-                                ("Shift-A", lambda: self.propagate("both"))):
+                                ("Shift-A", lambda: self.propagate("both")), ("Shift-V", self.work_in_view)):
                 layer.bind_key(key, lambda _l, action=action: action(), overwrite=True)
             layer.bind_key("Control-Z", self._undo_key, overwrite=True)
         v.layers.selection.active = self._points
@@ -800,6 +813,67 @@ class SAM2Widget(Container):
         """Stop a running propagation; slices already written stay."""
         if self._controller is not None:
             self._controller.cancel()
+
+    # ------------------------------------------------------------------ regions of interest
+
+    @property
+    def region(self):
+        """Where new objects are tracked: a :class:`~napari_sam2.model.roi.Roi` (this view),
+        "auto" (around each object) or None (whole slices)."""
+        return None if self._controller is None else self._controller.roi
+
+    def _view_region(self):
+        """The part of the image's slice now on the canvas, as a Roi (rows, columns of the displayed axes)."""
+        from ..model.roi import Roi
+
+        layer = self._image_layer
+        seg = self.segmenter
+        corners = np.asarray(layer.corner_pixels, float)[:, list(seg.displayed)]  # [min, max] data pixels
+        return Roi.from_corners(corners, seg.slice_shape)
+
+    def work_in_view(self) -> None:
+        """Track new objects on the part of the slice now on screen (zoom in on the objects first)."""
+        if self._region_combo.value == REGION_VIEW:
+            self._apply_region()
+        else:
+            self._region_combo.value = REGION_VIEW  # applies it
+
+    def _apply_region(self) -> None:
+        ann = self._controller
+        if ann is None:
+            return
+        choice = self._region_combo.value
+        try:
+            if choice == REGION_VIEW:
+                region = ann.set_roi(self._view_region())
+            else:
+                region = ann.set_roi("auto" if choice == REGION_AROUND else None)
+        except InputError as err:
+            _notify_error(f"napari-sam2: {err}")
+            self._set_status(str(err))
+            return
+        self._show_region(region)
+
+    def _show_region(self, region) -> None:
+        """Outline the region on every slice (a 2D shapes layer over the displayed axes)."""
+        v = self._viewer
+        if region is None:
+            if self._region_layer is not None and self._region_layer in v.layers:
+                v.layers.remove(self._region_layer)
+            self._region_layer = None
+            return
+        layer = self._image_layer
+        disp = list(self.segmenter.displayed)
+        rect = np.array([[region.top - 0.5, region.left - 0.5], [region.bottom - 0.5, region.right - 0.5]])
+        if self._region_layer is None or self._region_layer not in v.layers:
+            self._region_layer = v.add_shapes(
+                [rect], shape_type="rectangle", name=f"{layer.name} SAM2 region", edge_color="cyan",
+                face_color="transparent", edge_width=2, scale=np.asarray(layer.scale)[disp],
+                translate=np.asarray(layer.translate)[disp])
+            self._region_layer.editable = False
+        else:
+            self._region_layer.data = [rect]
+        v.layers.selection.active = self._points
 
     # ------------------------------------------------------------------ saving and resuming
 
