@@ -254,3 +254,53 @@ def test_ome_zarr_outputs_hold_what_the_tiffs_hold(tmp_path, one_thread):
     assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
     assert (tmp_path / "z" / "s0_labels.sam2-batch.json").exists()
     assert not [p for p in (tmp_path / "z").iterdir() if p.name.startswith(".")]
+
+
+def test_clicks_tracked_on_a_region_around_each_object(tmp_path, one_thread):
+    """--roi auto: each object on a 128 px square (the nano model's input) around its clicks,
+    worked out by hand here; the expectation is a plain session on each cropped array."""
+    from _stacks import paint_by_hand
+
+    from napari_sam2.model.checkpoint import load_model
+    from napari_sam2.model.frames import FrameSource
+    from napari_sam2.model.video import StackSession
+
+    image, _truth = appearing_blob_stack(n=12, hw=(260, 300), start=6, seed=4)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "w.tif", image)
+    (tmp_path / "in" / "w.csv").write_text(
+        "slice,y,x,object,positive\n4,40,40,1,1\n9,92,90,2,1\n9,92,100,2,1\n", encoding="utf-8")
+    settings = BatchSettings(stop_after=2, threads=1, roi="auto")
+    r = process(plan_batch([str(tmp_path / "in" / "w.tif")], tmp_path / "out", "points")[0], settings)
+    assert r.status == "done", r.error
+    got = tifffile.imread(tmp_path / "out" / "w_labels.tif")
+
+    model = load_model("sam2.1_nano_synthetic", None, device="cpu")
+    rng = FrameSource(image).intensity_range  # the stack's own mapping, as the batch uses
+    # object 1: centred on (40, 40), moved inside the slice: rows 0:128, columns 0:128;
+    # object 2: centred on (y 92, x 95): rows 28:156, columns 31:159
+    want = np.zeros(image.shape, np.uint32)
+    for obj, (top, left), clicks in ((1, (0, 0), [(4, [[40, 40]])]), (2, (28, 31), [(9, [[90, 92], [100, 92]])])):
+        s = StackSession(model, np.ascontiguousarray(image[:, top:top + 128, left:left + 128]), intensity_range=rng)
+        for z, xy in clicks:
+            s.add_points(z, obj, points=np.array(xy, float) - [left, top], labels=[1] * len(xy), clear=False)
+        for z, masks in s.propagate("both", stop_after_absent=2):
+            full = np.zeros(image.shape[1:], bool)
+            full[top:top + 128, left:left + 128] = masks[obj]
+            paint_by_hand(want, (z,), {obj: full})
+    assert (want == 1).any() and (want == 2).any()
+    np.testing.assert_array_equal(got, want)
+    meta = json.loads(result_paths(str(tmp_path / "out" / "w_labels.tif"))[1].read_text())
+    assert meta["run"]["settings"]["roi"] == "auto"
+
+
+def test_roi_option_is_checked(tmp_path, capsys):
+    from napari_sam2.cli import main
+
+    truths = make_stacks(tmp_path / "in", n=1)
+    assert truths
+    for bad, says in (("--roi=5:1,0:9", "top < bottom"), ("--roi=nonsense", "ROW0:ROW1,COL0:COL1")):
+        assert main(["batch", str(tmp_path / "in" / "s0.tif"), "-o", str(tmp_path / "o"), "--points", bad]) == 1
+        assert says in capsys.readouterr().err
+    assert main(["batch", str(tmp_path / "in" / "s0.tif"), "-o", str(tmp_path / "o"), "--auto", "--roi", "auto"]) == 1
+    assert "--roi applies to --points and --seeds" in capsys.readouterr().err

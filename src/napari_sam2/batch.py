@@ -51,7 +51,10 @@ class BatchSettings:
     bundled nano model); intensity_range: (low, high) for every stack (None: each stack's
     own percentiles); stop_after: stop an object after this many slices where it is absent
     (None: never); auto: parameters of the automatic mode (see ``segment_stack``);
-    threads: torch threads per worker process (0: torch's default).
+    threads: torch threads per worker process (0: torch's default); roi: where clicks and
+    seeds are tracked: None (whole slices), "auto" (each object on a square of the model's
+    input size around its prompts: small objects in large frames keep their detail) or a
+    region "ROW0:ROW1,COL0:COL1" of every slice.
     """
 
     model: Optional[str] = None
@@ -62,6 +65,7 @@ class BatchSettings:
     stop_after: Optional[int] = 3
     auto: Dict[str, object] = field(default_factory=dict)
     threads: int = 0
+    roi: Optional[str] = None
 
     def key(self) -> tuple:
         return (self.model, self.checkpoint, self.device)
@@ -231,7 +235,6 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
              on_slice: Optional[Callable[[int], None]]) -> Tuple[np.ndarray, dict]:
     """The label volume of one stack and what produced it."""
     from .model.auto_stack import is_single_image, segment_slice, segment_stack
-    from .model.video import StackSession
     from .segmenter import write_masks
 
     rng = settings.intensity_range
@@ -249,15 +252,11 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
         raise InputError(f"{item.image}: clicks and seeds need a stack (N, H, W) or (N, H, W, RGB), got shape "
                          f"{image.shape}")
     from .model.frames import FrameSource
-    from .store import open_store, store_path
 
     frames = FrameSource(image, rng)
-    store = store_path(item.image)
-    features = open_store(store, model, frames).features if store.exists() else None  # a mismatch is refused
-    session = StackSession(model, frames, fast=settings.fast, compute_features=features)
     if item.kind == "points":
-        for (z, obj), (pts, labs) in sorted(read_points_csv(item.source, image.shape[0], image.shape[1:3]).items()):
-            session.add_points(z, obj, points=pts, labels=labs, clear=False)
+        clicks = sorted(read_points_csv(item.source, image.shape[0], image.shape[1:3]).items())
+        prompts = [(obj, z, {"points": pts, "labels": labs}) for (z, obj), (pts, labs) in clicks]
     else:  # seeds
         from .io import read_image
 
@@ -265,15 +264,59 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
             raise InputError(f"no seeds file {item.source}")
         seeds = np.asarray(read_image(item.source))
         if seeds.shape == image.shape[1:3]:
-            session.add_labels(image.shape[0] // 2, seeds)
-        else:
-            session.add_label_volume(seeds)
+            seeds = np.stack([seeds if z == image.shape[0] // 2 else np.zeros_like(seeds) for z in range(len(image))])
+        prompts = [(obj, z, {"mask": seeds[z] == obj}) for obj, z in seed_slices(seeds, image.shape[:3])]
     labels = np.zeros(image.shape[:3], np.uint32)
-    for z, masks in session.propagate("both", stop_after_absent=settings.stop_after or None):
-        write_masks(labels, (z,), masks)
-        if on_slice is not None:
-            on_slice(z)
-    return labels, {}
+    for session in _sessions(model, frames, prompts, settings, item):
+        for z, masks in session.propagate("both", stop_after_absent=settings.stop_after or None):
+            write_masks(labels, (z,), masks)
+            if on_slice is not None:
+                on_slice(z)
+    return labels, {} if settings.roi is None else {"roi": settings.roi}
+
+
+def seed_slices(seeds: np.ndarray, shape: Tuple[int, ...]) -> List[Tuple[int, int]]:
+    """(object, slice where its seed is largest) for each nonzero label of a seed volume."""
+    from .model.video import largest_slices
+
+    return sorted(largest_slices(seeds, shape).items())
+
+
+def _sessions(model, frames, prompts, settings: BatchSettings, item: BatchItem):
+    """Sessions holding the prompts: one on whole slices (with the stack's embedding store when
+    one matches), or one per object on its region (``settings.roi``)."""
+    from .model.ensemble import open_session
+    from .model.roi import Roi, region_around
+    from .store import open_store, store_path
+
+    def give(session, obj, z, p):
+        if "mask" in p:
+            session.add_mask(z, obj, p["mask"])
+        else:
+            session.add_points(z, obj, points=p["points"], labels=p["labels"], clear=False)
+
+    if settings.roi is None:
+        store = store_path(item.image)
+        features = open_store(store, model, frames).features if store.exists() else None  # a mismatch is refused
+        session = open_session(model, frames, fast=settings.fast, compute_features=features)
+        for obj, z, p in prompts:
+            give(session, obj, z, p)
+        yield session
+        return
+    fixed = None if settings.roi == "auto" else Roi.parse(settings.roi)
+    by_object: Dict[int, list] = {}
+    for obj, z, p in prompts:
+        by_object.setdefault(obj, []).append((z, p))
+    for obj, items in sorted(by_object.items()):
+        roi = fixed
+        if roi is None:  # around all of the object's clicks, or its seed mask
+            xy = [q for _z, p in items if "points" in p for q in np.asarray(p["points"]).reshape(-1, 2)]
+            mask = next((p["mask"] for _z, p in items if "mask" in p), None)
+            roi = region_around(frames.shape, model.image_size, xy=xy or None, mask=mask)
+        session = open_session(model, frames, roi=roi, fast=settings.fast)
+        for z, p in items:
+            give(session, obj, z, p)
+        yield session
 
 
 def _replay_session(item: BatchItem, settings: BatchSettings, model, image) -> Tuple[np.ndarray, dict]:

@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(b, device="cpu", overwrite=False)
     b.add_argument("--stop-after", type=int, default=3, metavar="N",
                    help="stop following an object after N slices where it is absent (default 3; 0: never)")
+    b.add_argument("--roi", metavar="auto|ROW0:ROW1,COL0:COL1",
+                   help="track clicks and seeds on a region instead of whole slices: 'auto' gives each object a "
+                        "square of the model's input size around its prompts (small objects in large frames keep "
+                        "their detail), or one rectangle of every slice")
 
     em = sub.add_parser(
         "embed", help="compute the image features of every slice once, into STACK.sam2.zarr",
@@ -523,7 +527,7 @@ def _batch(args) -> int:
     settings = BatchSettings(model=_model_name(args), checkpoint=None if args.checkpoint is None else str(args.checkpoint),
                              device=args.device, fast=args.fast,
                              intensity_range=None if args.range is None else tuple(args.range),
-                             stop_after=args.stop_after or None)
+                             stop_after=args.stop_after or None, roi=_check_roi(args.roi, kind))
     bar = _progress_bar("batch", "stacks finished")
     counts = {"done": 0, "skipped": 0, "failed": 0}
 
@@ -553,6 +557,20 @@ def _batch(args) -> int:
     print(f"{counts['done']} done, {counts['skipped']} skipped (finished before), {counts['failed']} failed "
           f"of {len(results)} stacks")
     return 1 if counts["failed"] else 0
+
+
+def _check_roi(text: Optional[str], kind: str) -> Optional[str]:
+    """--roi as BatchSettings takes it ("auto" or "ROW0:ROW1,COL0:COL1"), checked."""
+    from .model import InputError
+    from .model.roi import Roi
+
+    if text is None:
+        return None
+    if kind not in ("points", "seeds"):
+        raise InputError("--roi applies to --points and --seeds (a saved session keeps its objects' own regions)")
+    if text.strip().lower() == "auto":
+        return "auto"
+    return str(Roi.parse(text))
 
 
 def _embed(args) -> int:

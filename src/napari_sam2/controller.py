@@ -26,7 +26,7 @@ import numpy as np
 from .jobs import Executor, Job, JobQueue, SyncExecutor
 from .model.geometry import data_point, data_to_view, on_slice, point_rc, view_to_data
 from .model.preprocess import InputError
-from .model.roi import Roi
+from .model.roi import Roi, region_around
 from .segmenter import StackSegmenter, write_masks
 
 UNDO_DEPTH = 50
@@ -278,20 +278,11 @@ class Annotator:
         if self.roi != "auto":
             return self.roi
         seg = self.segmenter
-        if prompts.mask is not None:
-            rows, cols = np.nonzero(prompts.mask)
-            if not rows.size:
-                return None
-            lo, hi = np.array([rows.min(), cols.min()]), np.array([rows.max(), cols.max()])
-        else:
-            pts = [*prompts.points, *(prompts.box or ())]
-            if not pts:
-                return None
-            rc = np.asarray(pts, np.float64).reshape(-1, 2)
-            lo, hi = rc.min(0), rc.max(0)
-        side = max(seg.model.image_size, int(np.ceil(2 * float((hi - lo).max()))) + 1)
-        centre = (lo + hi) / 2
-        return seg.region(Roi.around(x=centre[1], y=centre[0], side=side, shape=seg.slice_shape))
+        if prompts.mask is not None and not prompts.mask.any():
+            return None
+        rc = np.asarray([*prompts.points, *(prompts.box or ())], np.float64).reshape(-1, 2)
+        return seg.region(region_around(seg.slice_shape, seg.model.image_size, xy=rc[:, ::-1],
+                                        mask=prompts.mask))
 
     def object_for_prompt(self) -> int:
         """The object a new prompt belongs to: the active one, or a new one if the active

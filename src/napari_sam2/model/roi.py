@@ -31,7 +31,7 @@ from .prompts import check_mask
 from .sam2 import NO_OBJ_SCORE
 from .video import SessionCommon, check_frame
 
-__all__ = ["RegionFrames", "Roi", "RoiSession"]
+__all__ = ["RegionFrames", "Roi", "RoiSession", "region_around"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,26 @@ class Roi:
         full = np.full(tuple(shape[:2]) + part.shape[2:], fill, dtype=part.dtype)
         full[self.slices] = part
         return full
+
+
+def region_around(shape: Tuple[int, int], side: int, *, xy=None, mask=None) -> Roi:
+    """A square region around an object's prompts on a slice of ``shape`` (H, W): clicks or
+    box corners (``xy``, N x 2 (x, y)) or a ``mask`` (H x W). Its side is ``side`` (e.g. the
+    model's input size: the region is seen at its own resolution), or twice the prompts'
+    extent when that is larger, so the object and its surroundings fit."""
+    if mask is not None:
+        rows, cols = np.nonzero(np.asarray(mask))
+        if not rows.size:
+            raise InputError("an empty mask has no region around it")
+        pts = np.stack([cols, rows], 1).astype(np.float64)
+    else:
+        pts = np.asarray(xy, np.float64).reshape(-1, 2)
+        if not pts.size:
+            raise InputError("a region around an object needs its clicks, box or mask")
+    lo, hi = pts.min(0), pts.max(0)
+    side = max(int(side), int(np.ceil(2 * float((hi - lo).max()))) + 1)
+    x, y = (lo + hi) / 2
+    return Roi.around(x=x, y=y, side=side, shape=shape)
 
 
 class RegionFrames(FrameSource):

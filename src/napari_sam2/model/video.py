@@ -38,7 +38,8 @@ from .tracking import (
     upsample_to_model,
 )
 
-__all__ = ["FeatureCache", "ObjectState", "SessionCommon", "StackSession", "Sweep", "check_frame", "run_sweeps"]
+__all__ = ["FeatureCache", "ObjectState", "SessionCommon", "StackSession", "Sweep", "check_frame", "largest_slices",
+           "run_sweeps"]
 
 
 def check_frame(frame: int, num_frames: int) -> int:
@@ -240,25 +241,26 @@ class SessionCommon:
         """Each object of a label volume (N x H x W, the stack's shape) is prompted with its
         mask on the slice where it is largest; returns {obj_id: that slice}."""
         vol = np.asarray(labels)
-        if vol.shape != (self.num_frames, self.height, self.width):
-            raise InputError(
-                f"the label volume must have the stack's shape {(self.num_frames, self.height, self.width)}, got {vol.shape}"
-            )
-        if not np.issubdtype(vol.dtype, np.integer):
-            raise InputError(f"labels must be integers (0 background, 1, 2, ... objects), got dtype {vol.dtype}")
-        values, inverse = np.unique(vol, return_inverse=True)
-        inverse = inverse.reshape(vol.shape[0], -1)
-        areas = np.stack([np.bincount(row, minlength=len(values)) for row in inverse])  # slices x ids
-        if not (values > 0).any():
-            raise InputError("the label volume holds no object (only background 0)")
-        chosen = {}
-        for k, i in enumerate(values.tolist()):
-            if i <= 0:
-                continue
-            frame = int(np.argmax(areas[:, k]))
-            self.add_mask(frame, int(i), vol[frame] == i)
-            chosen[int(i)] = frame
+        chosen = largest_slices(vol, (self.num_frames, self.height, self.width))
+        for i, frame in chosen.items():
+            self.add_mask(frame, i, vol[frame] == i)
         return chosen
+
+
+def largest_slices(labels, shape: Tuple[int, int, int]) -> Dict[int, int]:
+    """{label: the slice where it is largest} of a label volume, checked to be integers of
+    ``shape`` (the stack's N x H x W) holding at least one object; labels in increasing order."""
+    vol = np.asarray(labels)
+    if vol.shape != tuple(shape):
+        raise InputError(f"the label volume must have the stack's shape {tuple(shape)}, got {vol.shape}")
+    if not np.issubdtype(vol.dtype, np.integer):
+        raise InputError(f"labels must be integers (0 background, 1, 2, ... objects), got dtype {vol.dtype}")
+    values, inverse = np.unique(vol, return_inverse=True)
+    inverse = inverse.reshape(vol.shape[0], -1)
+    areas = np.stack([np.bincount(row, minlength=len(values)) for row in inverse])  # slices x ids
+    if not (values > 0).any():
+        raise InputError("the label volume holds no object (only background 0)")
+    return {int(i): int(np.argmax(areas[:, k])) for k, i in enumerate(values.tolist()) if i > 0}
 
 
 class StackSession(SessionCommon):
