@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, fields
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -280,21 +280,48 @@ def is_single_image(shape: Sequence[int]) -> bool:
 
 
 def segment_slice(model, image, intensity_range: Optional[Sequence[float]] = None, *, fast: bool = False,
-                  **params) -> np.ndarray:
+                  tile: Union[None, int, str] = None, overlap: Optional[int] = None,
+                  progress: Optional[Callable[[int, int], None]] = None, **params) -> np.ndarray:
     """Every object of one 2D image as a label image (uint32, 1, 2, ... best first).
 
     params: the 2D generator's (:class:`~.automatic.AutoMaskParams`) and the choosing
     rules of :class:`StackAutoParams` (min_area, max_area_fraction, max_overlap,
-    size_weight, refine).
+    size_weight, refine). tile: cut the image into overlapping tiles of this many pixels
+    (:mod:`~napari_sam2.model.tiles`), "auto" (tiles of the model's input size when the
+    image is more than 1.5 times larger), or None (the whole image at once); overlap:
+    pixels shared by neighbouring tiles (default a quarter of a tile, at least 32).
+    progress(tiles done, tiles) with tiles.
     """
     gen_params, stack = split_params(params)
     generator = AutomaticMaskGenerator(model, fast=fast, **gen_params)
     hw = np.asarray(image).shape[:2]
-    chosen = propose(generator, image, intensity_range, stack)
     out = np.zeros(hw, np.uint32)
-    for i, m in enumerate(chosen, 1):
-        out[m] = i
+    size = choose_tile(tile, hw, model.image_size)
+    if size is None:
+        for i, m in enumerate(propose(generator, image, intensity_range, stack), 1):
+            out[m] = i
+        return out
+    from .tiles import propose_tiled
+
+    ov = max(32, size // 4) if overlap is None else int(overlap)
+    pieces = propose_tiled(generator, image, intensity_range, stack, tile=size, overlap=min(ov, size - 1),
+                           progress=progress)
+    for i, p in enumerate(pieces, 1):
+        out[p.box.slices][p.mask] = i
     return out
+
+
+def choose_tile(tile: Union[None, int, str], hw: Tuple[int, int], image_size: int) -> Optional[int]:
+    """The tile size ``tile`` asks for on an image of ``hw`` (None: no tiles)."""
+    if tile is None:
+        return None
+    if isinstance(tile, str):
+        if tile.strip().lower() != "auto":
+            raise InputError(f"tile must be a number of pixels, 'auto' or None, got {tile!r}")
+        return int(image_size) if max(hw) > 1.5 * image_size else None
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 16:
+        raise InputError(f"tile must be a number of pixels (16 or more), 'auto' or None, got {tile!r}")
+    return int(tile) if max(hw) > tile else None
 
 
 def segment_stack(

@@ -1,0 +1,175 @@
+"""Segment everything on large slices, tile by tile, at the model's full detail.
+
+The automatic generator sees a slice resized to the model's input size: on a
+2048 x 2048 frame of 15-pixel nuclei each nucleus is a few pixels there. Here the
+slice is cut into overlapping tiles (by default the model's input size, so a tile
+is seen at its own resolution), proposals are made on each tile
+(:func:`~napari_sam2.model.auto_stack.propose`), and put together:
+
+- each connected part of a tile's mask is a piece; a piece that touches an inner tile border is *cut*; cut pieces of neighbouring tiles
+  that cover the same pixels of the two tiles' shared strip are merged into one
+  object (an object larger than the overlap, cut by every tile, comes back whole);
+- an object lying in an overlap is found by two tiles: the larger of the copies is
+  kept and a candidate mostly on pixels already taken is dropped, as on one slice.
+
+All tiles share one intensity mapping (the whole slice's), so a dim tile is not
+stretched into noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .preprocess import InputError, default_intensity_range
+from .roi import Roi
+
+__all__ = ["Piece", "merge_pieces", "propose_tiled", "tile_regions"]
+
+
+def tile_regions(shape: Tuple[int, int], tile: int, overlap: int) -> List[Roi]:
+    """Regions of ``tile`` x ``tile`` pixels covering a slice of ``shape`` (H, W), neighbours
+    sharing at least ``overlap`` pixels; the last row and column of tiles end at the slice's edge."""
+    tile, overlap = int(tile), int(overlap)
+    if tile < 16:
+        raise InputError(f"tiles must be at least 16 pixels, got {tile}")
+    if not 0 <= overlap < tile:
+        raise InputError(f"the tiles' overlap must be 0 or more and less than the tile ({tile}), got {overlap}")
+
+    def starts(n: int) -> List[int]:
+        if n <= tile:
+            return [0]
+        count = int(np.ceil((n - overlap) / (tile - overlap)))
+        return sorted({int(round(k * (n - tile) / (count - 1))) for k in range(count)})
+
+    h, w = (int(v) for v in shape[:2])
+    return [Roi(y, x, min(y + tile, h), min(x + tile, w)) for y in starts(h) for x in starts(w)]
+
+
+@dataclass
+class Piece:
+    """A mask found on one tile: ``box`` (its bounding region on the slice), ``mask`` (that
+    region's pixels), the tile it came from, and whether it touches an inner tile border."""
+
+    box: Roi
+    mask: np.ndarray
+    tile: int
+    cut: bool
+
+    @property
+    def area(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+
+def _piece(mask: np.ndarray, tile: Roi, index: int, shape: Tuple[int, int]) -> Piece:
+    rows, cols = np.nonzero(mask)
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    th, tw = tile.shape
+    cut = ((y0 == 0 and tile.top > 0) or (x0 == 0 and tile.left > 0)
+           or (y1 == th and tile.bottom < shape[0]) or (x1 == tw and tile.right < shape[1]))
+    box = Roi(tile.top + y0, tile.left + x0, tile.top + y1, tile.left + x1)
+    return Piece(box, np.ascontiguousarray(mask[y0:y1, x0:x1]), index, bool(cut))
+
+
+def _within(p: Piece, r: Roi) -> np.ndarray:
+    """p's pixels inside region r, as an r-shaped boolean array."""
+    out = np.zeros(r.shape, bool)
+    t, b = max(p.box.top, r.top), min(p.box.bottom, r.bottom)
+    lft, rgt = max(p.box.left, r.left), min(p.box.right, r.right)
+    if t < b and lft < rgt:
+        out[t - r.top:b - r.top, lft - r.left:rgt - r.left] = p.mask[t - p.box.top:b - p.box.top,
+                                                                      lft - p.box.left:rgt - p.box.left]
+    return out
+
+
+def _union(pieces: Sequence[Piece]) -> Piece:
+    top = min(p.box.top for p in pieces)
+    left = min(p.box.left for p in pieces)
+    box = Roi(top, left, max(p.box.bottom for p in pieces), max(p.box.right for p in pieces))
+    mask = np.zeros(box.shape, bool)
+    for p in pieces:
+        mask |= _within(p, box)
+    return Piece(box, mask, pieces[0].tile, any(p.cut for p in pieces))
+
+
+def merge_pieces(pieces: Sequence[Piece], tiles: Sequence[Roi], *, min_shared: float = 0.5) -> List[Piece]:
+    """Cut pieces of different tiles that cover the same pixels of the two tiles' shared
+    strip (intersection at least ``min_shared`` of the smaller one there) become one piece;
+    pieces not cut are returned as they are."""
+    cut = [i for i, p in enumerate(pieces) if p.cut]
+    parent = list(range(len(pieces)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a_pos, a in enumerate(cut):
+        pa = pieces[a]
+        for b in cut[a_pos + 1:]:
+            pb = pieces[b]
+            if pa.tile == pb.tile:
+                continue
+            ta, tb = tiles[pa.tile], tiles[pb.tile]
+            shared = (max(ta.top, tb.top), max(ta.left, tb.left), min(ta.bottom, tb.bottom), min(ta.right, tb.right))
+            if shared[0] >= shared[2] or shared[1] >= shared[3]:
+                continue
+            box = (max(pa.box.top, pb.box.top, shared[0]), max(pa.box.left, pb.box.left, shared[1]),
+                   min(pa.box.bottom, pb.box.bottom, shared[2]), min(pa.box.right, pb.box.right, shared[3]))
+            if box[0] >= box[2] or box[1] >= box[3]:
+                continue
+            strip = Roi(*shared)
+            ma, mb = _within(pa, strip), _within(pb, strip)
+            small = min(np.count_nonzero(ma), np.count_nonzero(mb))
+            if small and np.count_nonzero(ma & mb) >= min_shared * small:
+                parent[find(a)] = find(b)
+    groups: dict = {}
+    for i in range(len(pieces)):
+        groups.setdefault(find(i), []).append(pieces[i])
+    return [g[0] if len(g) == 1 else _union(g) for g in groups.values()]
+
+
+def propose_tiled(generator, image, intensity_range, params, *, tile: int, overlap: int,
+                  should_stop: Optional[Callable[[], bool]] = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> List[Piece]:
+    """Non-overlapping object masks of a large 2D image found tile by tile (see the module's
+    doc), as pieces (bounding region + mask), best first: larger first, pixels taken by an
+    earlier one removed. params: :class:`~napari_sam2.model.auto_stack.StackAutoParams`.
+    progress(tiles done, tiles) after each tile; should_stop() between tiles."""
+    from .auto_stack import propose
+
+    arr = np.asarray(image)
+    hw = arr.shape[:2]
+    rng = tuple(intensity_range) if intensity_range is not None else default_intensity_range(arr)
+    tiles = tile_regions(hw, tile, overlap)
+    pieces: List[Piece] = []
+    for k, t in enumerate(tiles):
+        if should_stop is not None and should_stop():
+            break
+        for m in propose(generator, t.crop(arr), rng, params, should_stop=should_stop):
+            # each connected part on its own: a tile's mask that joins two objects cut by its
+            # borders would otherwise merge both with their pieces in the next tiles
+            parts, n = ndi.label(m, structure=np.ones((3, 3), bool))
+            for j in range(1, n + 1):
+                part = parts == j
+                if np.count_nonzero(part) >= max(params.min_area, 1):
+                    pieces.append(_piece(part, t, k, hw))
+        if progress is not None:
+            progress(k + 1, len(tiles))
+    merged = merge_pieces(pieces, tiles)
+    merged.sort(key=lambda p: (p.cut, -p.area))  # whole copies first, then larger first
+    taken = np.zeros(hw, bool)
+    out = []
+    for p in merged:
+        window = taken[p.box.slices]
+        part = p.mask & ~window
+        free = int(np.count_nonzero(part))
+        if p.area - free > params.max_overlap * p.area or free < max(params.min_area, 1):
+            continue
+        window |= part
+        out.append(Piece(p.box, part, p.tile, p.cut))
+    return out
