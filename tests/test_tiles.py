@@ -78,3 +78,23 @@ def test_tile_choice_is_checked(nano):
     for bad, says in ((8, "16 or more"), ("big", "'auto' or None"), (True, "16 or more")):
         with pytest.raises(InputError, match=says):
             segment_slice(nano, image, tile=bad)
+
+
+def test_cli_auto_tiles_a_large_2d_image(nano, tmp_path, capsys):
+    import tifffile
+
+    from napari_sam2.cli import main
+
+    rng = np.random.default_rng(3)
+    centres = [(60, 60), (120, 120), (200, 90), (250, 250), (90, 230)]
+    image, truth = paint_blobs((300, 300), centres, [10, 13, 9, 12, 11], rng, 400, 4000, np.uint16)
+    tifffile.imwrite(tmp_path / "big.tif", image)
+    assert main(["auto", str(tmp_path / "big.tif"), "-o", str(tmp_path / "out.tif")]) == 0  # tiles by default
+    written = tifffile.imread(tmp_path / "out.tif")
+    matched = one_to_one(written, truth)
+    assert len(matched) == len(centres) and min(iou for _l, iou in matched.values()) >= 0.7, matched
+    assert "tiles" in capsys.readouterr().err  # the progress bar counts tiles
+    assert main(["auto", str(tmp_path / "big.tif"), "-o", str(tmp_path / "x.tif"), "--tile", "8"]) == 1
+    assert "16 or more" in capsys.readouterr().err
+    assert main(["auto", str(tmp_path / "big.tif"), "-o", str(tmp_path / "x.tif"), "--tile", "wide"]) == 1
+    assert "'auto' or 'none'" in capsys.readouterr().err

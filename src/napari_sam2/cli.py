@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--stability", type=float, default=0.6, help="stability score a proposal needs (default 0.6)")
     a.add_argument("--pred-iou", type=float, default=0.0, help="predicted IoU a proposal needs (default 0: any)")
     a.add_argument("--min-area", type=int, default=16, help="smallest object in pixels of a slice (default 16)")
+    a.add_argument("--tile", default="auto", metavar="auto|N|none",
+                   help="2D images: cut into overlapping N x N tiles seen at full detail, objects on tile borders "
+                        "merged (default auto: tiles of the model's input size when the image is over 1.5 times "
+                        "larger; none: the whole image at once)")
+    a.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles (default a quarter of a tile, >= 32)")
     _add_model_options(a)
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -464,8 +469,14 @@ def _auto(args) -> int:
                   "pred_iou_thresh": args.pred_iou, "min_area": args.min_area}
     model = load_model(_model_name(args), args.checkpoint, device=device)
     two_d = is_single_image(image.shape)
+    tile = None if args.tile.strip().lower() == "none" else (
+        "auto" if args.tile.strip().lower() == "auto" else _positive_int(args.tile, "--tile"))
     if two_d:
-        labels = segment_slice(model, image, args.range, fast=args.fast, **params)
+        bar = None if args.quiet else _progress_bar(f"segmenting {args.image.name}", "tiles")
+        labels = segment_slice(model, image, args.range, fast=args.fast, tile=tile, overlap=args.overlap,
+                               progress=bar, **params)
+        if bar is not None and bar.drawn:
+            print(file=sys.stderr)
         depth = 1
     else:
         params.update(every=args.every, covered=args.covered, key_slice=args.key_slice,
@@ -559,6 +570,18 @@ def _batch(args) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _positive_int(text: str, option: str) -> int:
+    from .model import InputError
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"{option} takes a number of pixels, 'auto' or 'none', got {text!r}")
+    return value
+
+
 def _check_roi(text: Optional[str], kind: str) -> Optional[str]:
     """--roi as BatchSettings takes it ("auto" or "ROW0:ROW1,COL0:COL1"), checked."""
     from .model import InputError
@@ -627,12 +650,13 @@ def _embed(args) -> int:
 
 def _progress_bar(what: str, unit: str = "slices searched"):
     """A one-line progress bar on stderr: bar(done, total, slice); bar.drawn once it showed."""
-    def show(done: int, total: int, frame: int) -> None:
+    def show(done: int, total: int, frame: Optional[int] = None) -> None:
         show.drawn = True
         width = 30
         filled = int(width * done / max(total, 1))
-        print(f"\r{what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}, "
-              f"now slice {frame}   ", end="", file=sys.stderr, flush=True)
+        now = "" if frame is None else f", now slice {frame}"
+        print(f"\r{what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit}{now}   ",
+              end="", file=sys.stderr, flush=True)
     show.drawn = False
     return show
 
