@@ -162,6 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "square of the model's input size around its prompts (small objects in large frames keep "
                         "their detail), or one rectangle of every slice")
 
+    mv = sub.add_parser(
+        "movie", help="follow objects through z and over time in a T-Z-Y-X movie, prompted at the first time point",
+        description="The first time point is segmented from clicks, seeds or segment everything; every later "
+        "time point's z-stack is seeded from the previous one's result, so objects keep their ids over time.",
+    )
+    mv.add_argument("movie", type=Path, help="a T-Z-Y-X TIFF (time first, then z)")
+    mv.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write (T-Z-Y-X)")
+    first = mv.add_mutually_exclusive_group(required=True)
+    first.add_argument("--points", type=Path, metavar="CSV",
+                       help="clicks at the first time point: columns slice,y,x,object,positive (slices from 0)")
+    first.add_argument("--seeds", type=Path, metavar="LABELS", help="a Z-Y-X label volume of the first time point")
+    first.add_argument("--auto", action="store_true", help="segment everything at the first time point")
+    mv.add_argument("--stop-after", type=int, default=2, metavar="N",
+                    help="stop following an object in z after N slices where it is absent (default 2; 0: never)")
+    _add_orientations(mv)
+    _add_model_options(mv)
+    mv.add_argument("--quiet", action="store_true", help="no progress bar")
+
     em = sub.add_parser(
         "embed", help="compute the image features of every slice once, into STACK.sam2.zarr",
         description="Runs the image encoder on every slice of a stack and stores the features (zarr, float32, "
@@ -240,6 +258,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _evaluate(args)
         if args.command == "auto":
             return _auto(args)
+        if args.command == "movie":
+            return _movie(args)
         if args.command == "batch":
             return _batch(args)
         if args.command == "embed":
@@ -508,6 +528,57 @@ def _auto(args) -> int:
     except OSError as err:
         raise InputError(f"cannot write {target} ({err.strerror or err}); choose a writable place with -o/--output") from err
     print(f"wrote {target}: {n} objects" + ("" if two_d else f" through {depth} slices"))
+    return 0
+
+
+def _movie(args) -> int:
+    import numpy as np
+
+    from .batch import read_points_csv
+    from .io import read_image, tiff_path, write_labels
+    from .model import InputError, load_model
+    from .model.devices import pick_device
+    from .model.movie import segment_movie
+
+    target = tiff_path(args.output)
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    if args.stop_after < 0:
+        raise InputError(f"--stop-after must be 0 (never stop) or a number of slices, got {args.stop_after}")
+    _check_model(args.model)
+    _check_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    movie = _read_image(args.movie, "movie")
+    if movie.ndim != 4:
+        raise InputError(f"{args.movie} has shape {movie.shape}: a movie is T-Z-Y-X (4 axes); for a z-stack or a "
+                         "2D time-lapse use napari-sam2 auto or batch")
+    prompts: dict = {}
+    if args.points is not None:
+        _check_readable(args.points, "clicks CSV")
+        prompts["points"] = read_points_csv(args.points, movie.shape[1], movie.shape[2:4])
+    elif args.seeds is not None:
+        prompts["seeds"] = np.asarray(read_image(args.seeds))
+    else:
+        prompts["auto"] = {}
+    model = load_model(_model_name(args), args.checkpoint, device=device)
+    labels = np.zeros(movie.shape, np.uint32)
+    bar = None if args.quiet else _progress_bar(f"following objects in {args.movie.name}", "time points")
+    try:
+        from .model.ensemble import default_orientations
+
+        orientations = args.orientations or default_orientations(model.config.name)
+        segment_movie(model, movie, **prompts, intensity_range=args.range, orientations=orientations,
+                      fast=args.fast, stop_after_absent=args.stop_after or None, out=labels,
+                      progress=None if bar is None else (lambda e: bar(e.time + 1, e.total)))
+    except KeyboardInterrupt:
+        print("\ninterrupted: writing the time points done so far", file=sys.stderr)
+    finally:
+        if bar is not None and bar.drawn:
+            print(file=sys.stderr)
+    out = labels.astype(np.uint16) if labels.max() <= np.iinfo(np.uint16).max else labels
+    target = write_labels(args.output, out, axes="TZYX", overwrite=args.overwrite)
+    n = len(np.unique(labels)) - 1
+    print(f"wrote {target}: {n} objects through {movie.shape[0]} time points")
     return 0
 
 
