@@ -221,7 +221,10 @@ PUBLISHED = {  # from Meta's release notes: 072824/ = SAM 2.0, 092824/ = SAM 2.1
 def test_official_checkpoints_pin_the_published_sums():
     from napari_sam2.model import CHECKPOINTS
 
-    assert set(CHECKPOINTS) == set(PUBLISHED)
+    assert set(CHECKPOINTS) == set(PUBLISHED) | {"medsam2"}
+    # MedSAM2 publishes no sum: its file is checked against its first download's
+    assert CHECKPOINTS["medsam2"].url == "https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt"
+    assert CHECKPOINTS["medsam2"].sha256 is None
     for name, (folder, digest) in PUBLISHED.items():
         info = CHECKPOINTS[name]
         assert info.url == f"https://dl.fbaipublicfiles.com/segment_anything_2/{folder}/{name}.pt"

@@ -94,3 +94,108 @@ def test_napari_reader_and_writer_keep_the_geometry(tmp_path):
     back = nib.load(out)
     np.testing.assert_allclose(back.affine, nib.load(str(src)).affine)
     np.testing.assert_array_equal(np.asanyarray(back.dataobj), labels.transpose(2, 1, 0))
+
+
+# ---------------------------------------------------------------------- MedSAM2
+
+
+def test_a_medsam2_layout_checkpoint_loads_strictly(tmp_path):
+    """A file laid out as MedSAM2's (Meta's trainer: {"model": state dict} beside the
+    optimizer's state and the epoch), from random weights of SAM 2.1 tiny at 512 px."""
+    import torch
+
+    from napari_sam2.model import CheckpointError, build_model, get_config, load_model
+
+    torch.manual_seed(0)
+    made = build_model(get_config("sam2.1_hiera_tiny").with_image_size(512))
+    with torch.no_grad():
+        for p in made.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    sd = made.state_dict()
+    path = tmp_path / "MedSAM2_latest.pt"
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 7}, path)
+    model = load_model("medsam2", path)
+    assert model.image_size == 512
+    loaded = model.state_dict()
+    assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    x = torch.rand(1, 3, 512, 512)
+    with torch.no_grad():
+        a, b = model.image_encoder(model.normalize(x)), made.image_encoder(made.normalize(x))
+    assert torch.equal(a.fpn[-1], b.fpn[-1]) and a.fpn[-1].shape[-1] == 32  # 512 px / 16
+
+    # a checkpoint with a module the model lacks (e.g. a research fork's boundary head) is refused
+    torch.save({"model": {**sd, "boundary_head.conv1.weight": torch.zeros(4, 4, 3, 3)}}, tmp_path / "fork.pt")
+    with pytest.raises(CheckpointError, match="medsam2"):
+        load_model("medsam2", tmp_path / "fork.pt")
+
+
+def test_largest_component_on_a_hand_made_volume():
+    from napari_sam2.model.postprocess import largest_component
+
+    vol = np.zeros((6, 10, 10), bool)
+    vol[1:4, 1:4, 1:4] = True  # 27 voxels
+    vol[4, 4, 4] = True  # touches the cube only by a corner: the same 26-connected part
+    vol[0:6, 8, 8] = True  # 6 voxels apart
+    want = np.zeros_like(vol)
+    want[1:4, 1:4, 1:4] = True
+    want[4, 4, 4] = True
+    np.testing.assert_array_equal(largest_component(vol), want)
+    assert not largest_component(np.zeros((3, 3, 3), bool)).any()
+
+
+def test_box_protocol_tracks_both_ways_and_keeps_the_largest_part():
+    """With a random model whose object score says "present" on every slice, the protocol's
+    result is the union of a forward run and a separate backward run from the box, worked
+    out here with plain sessions, then its largest 3D part."""
+    import torch
+
+    from napari_sam2.medical import box_protocol
+    from napari_sam2.model import build_model, get_config
+    from napari_sam2.model.postprocess import largest_component
+    from napari_sam2.model.video import StackSession
+
+    torch.manual_seed(1)
+    model = build_model(get_config("sam2.1_hiera_tiny").with_image_size(64))
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0, 20, (7, 48, 48))
+    vol[:, 14:30, 16:34] += 300  # a bright block through the volume (HU-like values)
+    box = (14, 12, 36, 32)
+    got = box_protocol(model, vol, box, 3, intensity_range=(-160, 240), largest_component=False)
+    want = np.zeros(vol.shape, bool)
+    for direction in ("forward", "backward"):
+        s = StackSession(model, vol, intensity_range=(-160, 240))
+        s.add_points(3, 1, box=box)
+        for z, masks in s.propagate(direction):
+            want[z] |= masks[1]
+    assert want[3].any()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(box_protocol(model, vol, box, 3, intensity_range=(-160, 240)),
+                                  largest_component(want))
+
+
+def test_cli_box_writes_the_protocols_mask_with_the_source_geometry(tmp_path, capsys):
+    from test_auto_stack import appearing_blob_stack
+
+    from napari_sam2.cli import main
+    from napari_sam2.medical import box_protocol
+    from napari_sam2.model.checkpoint import load_model
+
+    image, truth = appearing_blob_stack(n=8, start=4, seed=41)
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), affine), str(tmp_path / "ct.nii.gz"))
+    assert main(["box", str(tmp_path / "ct.nii.gz"), "--box", "26,26,54,54", "--slice", "4",
+                 "-o", str(tmp_path / "mask.nii.gz")]) == 0
+    assert "voxels on" in capsys.readouterr().out
+    seg = nib.load(str(tmp_path / "mask.nii.gz"))
+    np.testing.assert_allclose(seg.affine, affine)
+    got = np.asanyarray(seg.dataobj).transpose(2, 1, 0) > 0  # back to Z-Y-X
+    nano = load_model("sam2.1_nano_synthetic", None, device="cpu")
+    want = box_protocol(nano, read_nifti(tmp_path / "ct.nii.gz").data, (26, 26, 54, 54), 4)
+    np.testing.assert_array_equal(got, want)
+    inter = (got & (truth == 1)).sum()
+    assert 2 * inter / (got.sum() + (truth == 1).sum()) > 0.7  # the blob the box was drawn on
+    assert main(["box", str(tmp_path / "ct.nii.gz"), "--box", "26,26,54,54", "--slice", "40",
+                 "-o", str(tmp_path / "m2.nii.gz")]) == 1
+    assert "slice 40 is outside" in capsys.readouterr().err

@@ -162,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "square of the model's input size around its prompts (small objects in large frames keep "
                         "their detail), or one rectangle of every slice")
 
+    bx = sub.add_parser(
+        "box", help="MedSAM2's protocol: a box on a key slice, tracked both ways, the largest 3D part kept",
+        description="One lesion or organ of a volume from one box on its key slice: tracked forward, and "
+        "separately backward, from the box; the union's largest 3D connected part is written. For CT and MR "
+        "use --model medsam2 (MedSAM2's weights are downloaded on first use, or give --checkpoint "
+        "MedSAM2_latest.pt) and a --window.",
+    )
+    bx.add_argument("image", type=Path, help="a volume: NIfTI (.nii, .nii.gz) or a TIFF stack (Z, Y, X)")
+    bx.add_argument("--box", type=_parse_box, required=True, help="box X0,Y0,X1,Y1 in pixels of the key slice")
+    bx.add_argument("--slice", type=int, required=True, help="the key slice (from 0) the box is drawn on")
+    bx.add_argument("-o", "--output", type=Path, required=True,
+                    help="mask to write: NIfTI (.nii.gz, with the source's geometry) or TIFF")
+    bx.add_argument("--window", help="intensity window instead of --range: soft-tissue, lung, bone, brain, or mr")
+    bx.add_argument("--all-parts", action="store_true", help="keep every connected part, not only the largest")
+    _add_model_options(bx)
+
     mv = sub.add_parser(
         "movie", help="follow objects through z and over time in a T-Z-Y-X movie, prompted at the first time point",
         description="The first time point is segmented from clicks, seeds or segment everything; every later "
@@ -258,6 +274,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _evaluate(args)
         if args.command == "auto":
             return _auto(args)
+        if args.command == "box":
+            return _box(args)
         if args.command == "movie":
             return _movie(args)
         if args.command == "batch":
@@ -465,7 +483,7 @@ def _segment(args) -> int:
 def _auto(args) -> int:
     import numpy as np
 
-    from .io import tiff_path, write_labels
+    from .io import tiff_path
     from .model import InputError, load_model
     from .model.auto_stack import is_single_image, segment_slice, segment_stack
     from .model.devices import pick_device
@@ -477,12 +495,7 @@ def _auto(args) -> int:
     _check_checkpoint(args.checkpoint)
     device = pick_device(args.device)
     image = _read_image(args.image)
-    if args.window:
-        from .medical import ct_window, mr_window
-
-        if args.range:
-            raise InputError("give --window or --range, not both")
-        args.range = mr_window(image) if args.window.lower() == "mr" else ct_window(args.window.replace("-", " "))
+    _apply_window(args, image)
     if args.stop_after < 0:
         raise InputError(f"--stop-after must be 0 (never stop) or a number of slices, got {args.stop_after}")
     params = {"points_per_side": args.points_per_side, "stability_score_thresh": args.stability,
@@ -514,20 +527,69 @@ def _auto(args) -> int:
                 print(file=sys.stderr)
     n = len(np.unique(labels)) - 1
     out = labels.astype(np.uint16) if labels.max() <= np.iinfo(np.uint16).max else labels
+    if two_d and _is_nifti(args.output):
+        raise InputError("NIfTI output needs a volume; write a 2D result as TIFF")
+    target = _write_volume(args, out)  # NIfTI keeps the source's voxel order, affine and geometry
+    print(f"wrote {target}: {n} objects" + ("" if two_d else f" through {depth} slices"))
+    return 0
+
+
+def _apply_window(args, image) -> None:
+    """--window as the intensity range (--range and --window exclude each other)."""
+    from .model import InputError
+
+    if args.window:
+        from .medical import ct_window, mr_window
+
+        if args.range:
+            raise InputError("give --window or --range, not both")
+        args.range = mr_window(image) if args.window.lower() == "mr" else ct_window(args.window.replace("-", " "))
+
+
+def _write_volume(args, volume) -> Path:
+    """A label or mask volume to args.output: NIfTI with the source's geometry when the source
+    is NIfTI, else TIFF."""
+    from .io import write_labels
+    from .model import InputError
+
     try:
         if _is_nifti(args.output):
             from .medical import write_nifti_labels
 
-            if two_d:
-                raise InputError("NIfTI output needs a volume; write a 2D result as TIFF")
-            # the source's voxel order, affine and header geometry when it is NIfTI too
-            target = write_nifti_labels(args.output, out, reference=args.image if _is_nifti(args.image) else None,
-                                        overwrite=args.overwrite)
-        else:
-            target = write_labels(args.output, out, overwrite=args.overwrite)
+            return write_nifti_labels(args.output, volume, reference=args.image if _is_nifti(args.image) else None,
+                                      overwrite=args.overwrite)
+        return write_labels(args.output, volume, overwrite=args.overwrite)
     except OSError as err:
-        raise InputError(f"cannot write {target} ({err.strerror or err}); choose a writable place with -o/--output") from err
-    print(f"wrote {target}: {n} objects" + ("" if two_d else f" through {depth} slices"))
+        raise InputError(f"cannot write {args.output} ({err.strerror or err}); choose a writable place with "
+                         "-o/--output") from err
+
+
+def _box(args) -> int:
+    import numpy as np
+
+    from .io import tiff_path
+    from .medical import box_protocol
+    from .model import InputError, load_model
+    from .model.devices import pick_device
+
+    target = args.output if _is_nifti(args.output) else tiff_path(args.output)
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    _check_model(args.model)
+    _check_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    image = _read_image(args.image)
+    if image.ndim != 3:
+        raise InputError(f"{args.image} has shape {image.shape}: the box protocol needs a volume (Z, Y, X)")
+    _apply_window(args, image)
+    model = load_model(_model_name(args), args.checkpoint, device=device)
+    bar = _progress_bar(f"tracking the box through {args.image.name}", "slices")
+    mask = box_protocol(model, image, args.box, args.slice, intensity_range=args.range,
+                        largest_component=not args.all_parts, fast=args.fast, progress=bar)
+    if bar.drawn:
+        print(file=sys.stderr)
+    target = _write_volume(args, mask.astype(np.uint8))
+    print(f"wrote {target}: {int(mask.sum())} voxels on {int(mask.any(axis=(1, 2)).sum())} slices")
     return 0
 
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from .model.preprocess import InputError, percentile_range
 
-__all__ = ["CT_WINDOWS", "NiftiVolume", "ct_window", "is_nifti", "mr_window", "napari_get_reader", "read_nifti",
-           "write_labels_layer", "write_nifti_labels"]
+__all__ = ["CT_WINDOWS", "NiftiVolume", "box_protocol", "ct_window", "is_nifti", "mr_window", "napari_get_reader",
+           "read_nifti", "write_labels_layer", "write_nifti_labels"]
 
 #: CT windows as (level, width) in Hounsfield units; the model sees level ± width / 2 as black..white
 CT_WINDOWS = {
@@ -64,6 +64,37 @@ class NiftiVolume:
     affine: np.ndarray
     header: object
     path: Path
+
+
+def box_protocol(model, volume, box: Sequence[float], key_slice: int, *,
+                 intensity_range: Optional[Sequence[float]] = None, largest_component: bool = True,
+                 fast: bool = False, progress=None) -> np.ndarray:
+    """MedSAM2's protocol for one lesion or organ: a box on the key slice, tracked forward
+    from it and, in a second session holding only the box, backward from it; the union of
+    both, then the largest 3D connected part (26-connectivity). Returns a Z x Y x X bool mask.
+
+    volume: Z x Y x X (slices along the first axis); box: (x0, y0, x1, y1) pixels of the key
+    slice; intensity_range: the window (e.g. :func:`ct_window`; default the volume's
+    percentiles). Use it with the ``medsam2`` model (512 px SAM 2.1 tiny, MedSAM2's
+    weights), or any other. progress(slices done, slices) as slices come.
+    """
+    from .model.frames import FrameSource
+    from .model.postprocess import largest_component as keep_largest
+    from .model.video import StackSession, check_frame
+
+    frames = FrameSource(volume, intensity_range)
+    key = check_frame(key_slice, frames.num_frames)
+    out = np.zeros((frames.num_frames, *frames.shape), bool)
+    done = 0
+    for direction in ("forward", "backward"):
+        session = StackSession(model, frames, fast=fast)
+        session.add_points(key, 1, box=box)
+        for z, masks in session.propagate(direction):
+            out[z] |= masks[1]
+            done += 1
+            if progress is not None:
+                progress(done, frames.num_frames + 1)
+    return keep_largest(out) if largest_component else out
 
 
 def read_nifti(path: Union[str, Path]) -> NiftiVolume:

@@ -78,6 +78,10 @@ CHECKPOINTS: Dict[str, CheckpointInfo] = {
     name: CheckpointInfo(f"{_BASE_21 if name.startswith('sam2.1_') else _BASE_20}{name}.pt", sha256=digest)
     for name, digest in _PUBLISHED_SHA256.items()
 }
+# MedSAM2 (Bo Wang's lab): SAM 2.1 tiny fine-tuned at 512 px on 3D medical images and
+# videos, stored as Meta's checkpoints are ({"model": state dict}). No sum is published:
+# the first download's sum is recorded and later loads are checked against it.
+CHECKPOINTS["medsam2"] = CheckpointInfo("https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt")
 
 
 # Weights that ship inside the package: registry name -> (file in napari_sam2/weights, SHA-256).

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
-__all__ = ["DEFAULT_MODEL", "ORIENTATION_CHOICES", "HieraConfig", "SAM2Config", "MODELS", "NANO", "get_config", "register"]
+__all__ = ["DEFAULT_MODEL", "MEDSAM2", "ORIENTATION_CHOICES", "HieraConfig", "SAM2Config", "MODELS", "NANO", "get_config",
+           "register"]
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,10 @@ for _size, _trunk in (
     _v20 = register(SAM2Config(name=f"sam2_hiera_{_size}", trunk=_trunk))
     register(_v21(_v20, f"sam2.1_hiera_{_size}"))
 
-# MedSAM2 fine-tunes SAM 2.1 tiny at 512 px; same weights layout, smaller input.
+# MedSAM2 fine-tunes SAM 2.1 tiny at 512 px; same weights layout, smaller input (its RoPE
+# grids follow: 32 x 32). "medsam2" names it for the download (checkpoint.CHECKPOINTS).
 register(replace(MODELS["sam2.1_hiera_tiny"], name="sam2.1_hiera_tiny_512", image_size=512))
+MEDSAM2 = register(replace(MODELS["sam2.1_hiera_tiny"], name="medsam2", image_size=512))
 
 # A "nano" SAM 2.1 (1.25 M parameters) meant for CPUs and offline use: a narrow
 # five-block Hiera, 64-wide heads and memory, 128 px input. Trained from scratch

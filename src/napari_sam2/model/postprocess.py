@@ -79,3 +79,17 @@ def write_masks(labels: np.ndarray, index, masks) -> None:
     sl = np.array(labels[index])
     paint_masks(sl, masks)
     labels[index] = sl
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected part of a boolean mask (any dimension; neighbours include the
+    diagonals: 26-connectivity in 3D); an empty mask stays empty."""
+    from scipy import ndimage as ndi
+
+    m = np.asarray(mask, bool)
+    parts, n = ndi.label(m, structure=np.ones((3,) * m.ndim, bool))
+    if n <= 1:
+        return m.copy()
+    sizes = np.bincount(parts.ravel())
+    sizes[0] = 0
+    return parts == int(np.argmax(sizes))
