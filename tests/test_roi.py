@@ -203,3 +203,25 @@ def test_automatic_region_is_a_model_sized_square_around_the_first_click(model):
                                                              range(4)))
     with pytest.raises(InputError, match="outside the 90 x 150 slice"):
         ann.set_roi((0, 0, 100, 10))
+
+
+def test_segment_everything_in_a_region_equals_it_on_the_cropped_array():
+    from test_auto_stack import appearing_blob_stack
+
+    from napari_sam2.controller import Annotator
+    from napari_sam2.model.checkpoint import load_model
+
+    nano = load_model("sam2.1_nano_synthetic", None, device="cpu")
+    image, _truth = appearing_blob_stack(n=6, hw=(200, 260), start=0, seed=12)
+    limits = (float(image.min()), float(image.max()))
+    crop = np.ascontiguousarray(image[:, 0:150, 0:160])
+    by_hand = Annotator(nano, crop, axis=0, displayed=(1, 2), intensity_range=limits, orientations=1)
+    assert by_hand.segment_everything((3, 0, 0))
+    region = Annotator(nano, image, axis=0, displayed=(1, 2), intensity_range=limits, orientations=1,
+                       roi=Roi(0, 0, 150, 160))
+    assert region.segment_everything((3, 0, 0))
+    want = np.zeros(image.shape, by_hand.labels.dtype)
+    want[:, 0:150, 0:160] = by_hand.labels
+    assert len(np.unique(want)) == 3  # both blobs, found on the crop
+    np.testing.assert_array_equal(region.labels, want)
+    assert all(o.roi == Roi(0, 0, 150, 160) for o in region.objects.values())

@@ -631,8 +631,9 @@ class Annotator:
         """
         from dataclasses import replace
 
-        from .model.auto_stack import auto_segment_session, split_params
+        from .model.auto_stack import AutoEvent, auto_segment_session, choose_tile, split_params
         from .model.automatic import AutomaticMaskGenerator
+        from .model.tiles import assemble, default_overlap, home_tile, pieces_on_tile, slice_range, tile_regions
 
         seg = self.segmenter
         key = self.slice_key(position)
@@ -675,8 +676,42 @@ class Annotator:
 
         versions = {i: self.objects[i].version for i in waiting}  # what the run propagates
         holder: Dict[str, Job] = {}
+        rois: Dict[int, Optional[Roi]] = {}  # objects found on tiles: each its own region
+
+        tile = None if whole_stack or region is not None else choose_tile("auto", seg.slice_shape, seg.model.image_size)
+
+        def gen_tiled():
+            """A slice much larger than the model's input: proposals tile by tile, and each object
+            found is tracked on the tile that holds it (objects of one tile share its session),
+            or on a region around its mask (full detail when propagated)."""
+            frame = seg.slice_of(key)
+            image = np.asarray(seg.view(key)[frame])
+            rng = slice_range(image, seg.intensity_range)
+            tiles = tile_regions(seg.slice_shape, tile, default_overlap(tile))
+            pieces: list = []
+            for k, t in enumerate(tiles):
+                if holder["job"].cancelled:
+                    return
+                pieces += pieces_on_tile(generator, image, rng, stack_params, t, k,
+                                         should_stop=lambda: holder["job"].cancelled)
+                yield AutoEvent("found", frame, {}, k + 1, len(tiles) + 1)
+            found, given = {}, {}
+            for p in assemble(pieces, tiles, seg.slice_shape, stack_params, taken=occupied(frame)):
+                obj_id = next_id()
+                mask = np.zeros(seg.slice_shape, bool)
+                mask[p.box.slices] = p.mask
+                roi = seg.region(home_tile(p.box, tiles)
+                                 or region_around(seg.slice_shape, seg.model.image_size, mask=mask))
+                rois[obj_id] = roi
+                with seg.lock:
+                    found[obj_id] = seg.set_mask(key, obj_id, mask, roi=roi)
+                given[obj_id] = mask
+            yield AutoEvent("found", frame, found, len(tiles) + 1, len(tiles) + 1, given)
 
         def gen():
+            if tile is not None:
+                yield from gen_tiled()
+                return
             with seg.lock:
                 session = seg.session(key, roi=region)
                 entry["snaps"] = {i: seg.snapshot(key, i) for i in waiting}
@@ -696,7 +731,7 @@ class Annotator:
                 self.ensure_fits(max(event.masks))
                 fkey = tuple(event.frame if a == seg.axis else v for a, v in enumerate(key))
                 for obj_id, mask in event.prompts.items():
-                    obj = self.objects[obj_id] = AnnotatedObject(obj_id, roi=region)
+                    obj = self.objects[obj_id] = AnnotatedObject(obj_id, roi=rois.get(obj_id, region))
                     obj.prompts[fkey] = SlicePrompts(mask=mask)
                     obj.version += 1
                     versions[obj_id] = obj.version

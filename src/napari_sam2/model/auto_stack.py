@@ -218,6 +218,12 @@ def auto_segment_session(
     own = np.zeros((n, *hw), np.int32)  # what this run wrote (slices in the session's order)
     todo = proposal_slices(n, key, int(params.every)) if track else [key]
     ranges = session.frames.intensity_range
+    region = getattr(session, "roi", None)  # a session on a region of interest: proposals there only
+
+    def proposals_on(frame: int) -> List[np.ndarray]:
+        image = session.frames.read(frame, region=None if region is None else region.slices)
+        found = propose(generator, image, ranges, params, should_stop=stop)
+        return found if region is None else [region.paste(m, hw, False) for m in found]
 
     def tracked(ids, skip_frame=None, new=()):
         run = session.propagate("both", obj_ids=ids, stop_after_absent=params.stop_after_absent)
@@ -242,7 +248,7 @@ def auto_segment_session(
     for done, frame in enumerate(todo, 1):
         if stop():
             return
-        proposals = propose(generator, session.frames.read(frame), ranges, params, should_stop=stop)
+        proposals = proposals_on(frame)
         if stop():
             return
         taken = own[frame] > 0
@@ -301,11 +307,10 @@ def segment_slice(model, image, intensity_range: Optional[Sequence[float]] = Non
         for i, m in enumerate(propose(generator, image, intensity_range, stack), 1):
             out[m] = i
         return out
-    from .tiles import propose_tiled
+    from .tiles import default_overlap, propose_tiled
 
-    ov = max(32, size // 4) if overlap is None else int(overlap)
-    pieces = propose_tiled(generator, image, intensity_range, stack, tile=size, overlap=min(ov, size - 1),
-                           progress=progress)
+    ov = default_overlap(size) if overlap is None else int(overlap)
+    pieces = propose_tiled(generator, image, intensity_range, stack, tile=size, overlap=ov, progress=progress)
     for i, p in enumerate(pieces, 1):
         out[p.box.slices][p.mask] = i
     return out

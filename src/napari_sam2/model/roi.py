@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -218,9 +218,25 @@ class RegionFrames(FrameSource):
         return self.parent.nonfinite_found()
 
 
-def _paste_all(roi: Roi, masks: Dict[int, np.ndarray], shape, logits: bool) -> Dict[int, np.ndarray]:
-    fill = NO_OBJ_SCORE if logits else False
-    return {k: roi.paste(m, shape, fill) for k, m in masks.items()}
+class PastedMasks(Mapping):
+    """A region's {obj_id: mask} seen as whole-slice masks, each pasted when first read."""
+
+    def __init__(self, roi: Roi, masks: Mapping[int, np.ndarray], shape, logits: bool) -> None:
+        self._roi, self._masks, self._shape = roi, masks, tuple(shape)
+        self._fill = NO_OBJ_SCORE if logits else False
+        self._done: Dict[int, np.ndarray] = {}
+
+    def __getitem__(self, obj_id) -> np.ndarray:
+        key = int(obj_id)
+        if key not in self._done:
+            self._done[key] = self._roi.paste(self._masks[key], self._shape, self._fill)
+        return self._done[key]
+
+    def __iter__(self):
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
 
 
 class RoiSession(SessionCommon):
@@ -269,8 +285,8 @@ class RoiSession(SessionCommon):
     def state_nbytes(self) -> int:
         return self.inner.state_nbytes
 
-    def _full(self, masks: Dict[int, np.ndarray], logits: bool) -> Dict[int, np.ndarray]:
-        return _paste_all(self.roi, masks, (self.height, self.width), logits)
+    def _full(self, masks: Mapping[int, np.ndarray], logits: bool) -> Mapping[int, np.ndarray]:
+        return PastedMasks(self.roi, masks, (self.height, self.width), logits)
 
     # prompts, in the whole slice's coordinates
     def add_points(self, frame: int, obj_id: int, points=None, labels=None, box=None, *, clear: bool = True,

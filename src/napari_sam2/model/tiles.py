@@ -27,7 +27,13 @@ from scipy import ndimage as ndi
 from .preprocess import InputError, default_intensity_range
 from .roi import Roi
 
-__all__ = ["Piece", "merge_pieces", "propose_tiled", "tile_regions"]
+__all__ = ["Piece", "assemble", "default_overlap", "home_tile", "merge_pieces", "pieces_on_tile", "propose_tiled", "slice_range", "tile_regions"]
+
+
+def default_overlap(tile: int) -> int:
+    """Pixels neighbouring tiles share unless told: a quarter of a tile, at least 32 (objects
+    smaller than that lie whole in one tile; larger ones are merged across the strip)."""
+    return min(max(32, int(tile) // 4), int(tile) - 1)
 
 
 def tile_regions(shape: Tuple[int, int], tile: int, overlap: int) -> List[Roi]:
@@ -133,36 +139,32 @@ def merge_pieces(pieces: Sequence[Piece], tiles: Sequence[Roi], *, min_shared: f
     return [g[0] if len(g) == 1 else _union(g) for g in groups.values()]
 
 
-def propose_tiled(generator, image, intensity_range, params, *, tile: int, overlap: int,
-                  should_stop: Optional[Callable[[], bool]] = None,
-                  progress: Optional[Callable[[int, int], None]] = None) -> List[Piece]:
-    """Non-overlapping object masks of a large 2D image found tile by tile (see the module's
-    doc), as pieces (bounding region + mask), best first: larger first, pixels taken by an
-    earlier one removed. params: :class:`~napari_sam2.model.auto_stack.StackAutoParams`.
-    progress(tiles done, tiles) after each tile; should_stop() between tiles."""
+def pieces_on_tile(generator, image: np.ndarray, intensity_range, params, tile: Roi, index: int,
+                   should_stop: Optional[Callable[[], bool]] = None) -> List[Piece]:
+    """The proposals of one tile of ``image`` (the whole slice), each connected part a piece:
+    a tile's mask that joins two objects cut by its borders would otherwise merge both with
+    their pieces in the next tiles."""
     from .auto_stack import propose
 
-    arr = np.asarray(image)
-    hw = arr.shape[:2]
-    rng = tuple(intensity_range) if intensity_range is not None else default_intensity_range(arr)
-    tiles = tile_regions(hw, tile, overlap)
-    pieces: List[Piece] = []
-    for k, t in enumerate(tiles):
-        if should_stop is not None and should_stop():
-            break
-        for m in propose(generator, t.crop(arr), rng, params, should_stop=should_stop):
-            # each connected part on its own: a tile's mask that joins two objects cut by its
-            # borders would otherwise merge both with their pieces in the next tiles
-            parts, n = ndi.label(m, structure=np.ones((3, 3), bool))
-            for j in range(1, n + 1):
-                part = parts == j
-                if np.count_nonzero(part) >= max(params.min_area, 1):
-                    pieces.append(_piece(part, t, k, hw))
-        if progress is not None:
-            progress(k + 1, len(tiles))
+    hw = image.shape[:2]
+    out = []
+    for m in propose(generator, tile.crop(image), intensity_range, params, should_stop=should_stop):
+        parts, n = ndi.label(m, structure=np.ones((3, 3), bool))
+        for j in range(1, n + 1):
+            part = parts == j
+            if np.count_nonzero(part) >= max(params.min_area, 1):
+                out.append(_piece(part, tile, index, hw))
+    return out
+
+
+def assemble(pieces: Sequence[Piece], tiles: Sequence[Roi], hw: Tuple[int, int], params,
+             taken: Optional[np.ndarray] = None) -> List[Piece]:
+    """Pieces of all tiles -> non-overlapping objects, best first: cut pieces merged across
+    tiles, whole copies first, then larger first; a candidate mostly on pixels already
+    taken (``taken``: pixels labelled before, or those of better candidates) is dropped."""
     merged = merge_pieces(pieces, tiles)
-    merged.sort(key=lambda p: (p.cut, -p.area))  # whole copies first, then larger first
-    taken = np.zeros(hw, bool)
+    merged.sort(key=lambda p: (p.cut, -p.area))
+    taken = np.zeros(hw, bool) if taken is None else np.array(taken, bool)
     out = []
     for p in merged:
         window = taken[p.box.slices]
@@ -173,3 +175,40 @@ def propose_tiled(generator, image, intensity_range, params, *, tile: int, overl
         window |= part
         out.append(Piece(p.box, part, p.tile, p.cut))
     return out
+
+
+def home_tile(box: Roi, tiles: Sequence[Roi]) -> Optional[Roi]:
+    """The tile that holds all of ``box`` with the box nearest its centre (None: no tile holds it)."""
+    best, best_d = None, np.inf
+    cy, cx = (box.top + box.bottom) / 2, (box.left + box.right) / 2
+    for t in tiles:
+        if t.top <= box.top and t.left <= box.left and box.bottom <= t.bottom and box.right <= t.right:
+            d = abs((t.top + t.bottom) / 2 - cy) + abs((t.left + t.right) / 2 - cx)
+            if d < best_d:
+                best, best_d = t, d
+    return best
+
+
+def slice_range(image: np.ndarray, intensity_range) -> Tuple[float, float]:
+    """One intensity mapping for every tile of a slice: the one given, else the slice's own."""
+    return tuple(intensity_range) if intensity_range is not None else default_intensity_range(image)
+
+
+def propose_tiled(generator, image, intensity_range, params, *, tile: int, overlap: int,
+                  should_stop: Optional[Callable[[], bool]] = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> List[Piece]:
+    """Non-overlapping object masks of a large 2D image found tile by tile (see the module's
+    doc), as pieces (bounding region + mask), best first. params:
+    :class:`~napari_sam2.model.auto_stack.StackAutoParams`. progress(tiles done, tiles)
+    after each tile; should_stop() between tiles."""
+    arr = np.asarray(image)
+    rng = slice_range(arr, intensity_range)
+    tiles = tile_regions(arr.shape[:2], tile, overlap)
+    pieces: List[Piece] = []
+    for k, t in enumerate(tiles):
+        if should_stop is not None and should_stop():
+            break
+        pieces += pieces_on_tile(generator, arr, rng, params, t, k, should_stop)
+        if progress is not None:
+            progress(k + 1, len(tiles))
+    return assemble(pieces, tiles, arr.shape[:2], params)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -49,13 +49,42 @@ def check_frame(frame: int, num_frames: int) -> int:
     return int(frame)
 
 
+class SliceMasks(Mapping):
+    """{obj_id: H x W mask or logits} of one slice, each upsampled from the model's
+    low-resolution logits when first read. A prompt returns every object's mask on its slice,
+    and a caller that reads only its own object's (giving hundreds of clicks on a large frame)
+    then pays for one upsampling, not one per object on the slice."""
+
+    def __init__(self, low_res: torch.Tensor, obj_ids: Sequence[int], shape: Tuple[int, int],
+                 return_logits: bool) -> None:
+        self._low = low_res.float()
+        self._rows = {int(oid): i for i, oid in enumerate(obj_ids)}
+        self._shape, self._logits = tuple(shape), return_logits
+        self._done: Dict[int, np.ndarray] = {}
+
+    def __getitem__(self, obj_id) -> np.ndarray:
+        key = int(obj_id)
+        if key not in self._done:
+            row = self._low[self._rows[key]][None]  # KeyError for an unknown object, as a dict
+            full = F.interpolate(row, size=self._shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+            self._done[key] = full if self._logits else full > 0
+        return self._done[key]
+
+    def __iter__(self):
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
 def low_res_to_slice(
     low_res: torch.Tensor, obj_ids: Sequence[int], shape: Tuple[int, int], non_overlap: bool, return_logits: bool
-) -> Dict[int, np.ndarray]:
-    """B 1 4h 4w logits (one row per object) -> {obj_id: H x W mask or logits}."""
-    full = F.interpolate(low_res.float(), size=tuple(shape), mode="bilinear", align_corners=False)
-    if non_overlap:
-        full = non_overlapping(full)
+) -> Mapping[int, np.ndarray]:
+    """B 1 4h 4w logits (one row per object) -> {obj_id: H x W mask or logits} (upsampled as
+    read, unless objects must not overlap: then all at once)."""
+    if not non_overlap:
+        return SliceMasks(low_res, obj_ids, shape, return_logits)
+    full = non_overlapping(F.interpolate(low_res.float(), size=tuple(shape), mode="bilinear", align_corners=False))
     full = full[:, 0].cpu().numpy()
     return {oid: (full[i] if return_logits else full[i] > 0) for i, oid in enumerate(obj_ids)}
 

@@ -36,6 +36,8 @@ STOP_ITEMS = [("never", 0), ("1 empty slice", 1), ("2 empty slices", 2), ("3 emp
 POSITIVE_COLOR, NEGATIVE_COLOR = "#33ff33", "#ff3355"
 STATUS_CHARS = 240  # longer messages are cut in the status line (the whole text is its tooltip)
 DOCK_MAX_WIDTH = 460
+WINDOW_DISPLAYED, WINDOW_MR = "as displayed", "MR (percentiles)"
+WINDOW_CHOICES = [WINDOW_DISPLAYED, "CT soft tissue", "CT lung", "CT bone", "CT brain", WINDOW_MR]
 REGION_WHOLE, REGION_VIEW, REGION_AROUND = "whole slices", "this view", "around each object"
 REGION_CHOICES = [REGION_WHOLE, REGION_VIEW, REGION_AROUND]
 
@@ -80,6 +82,10 @@ class SAM2Widget(Container):
             label="Orientations", choices=ORIENTATION_ITEMS, value=default_orientations(DEFAULT_MODEL),
             tooltip="Track in several rotated and mirrored views and average them: more accurate, "
             "that many times the work. Applies from the next Start session.")
+        self._window_combo = ComboBox(
+            label="Intensity window", choices=WINDOW_CHOICES, value=WINDOW_DISPLAYED,
+            tooltip="Set the image's contrast limits to a CT window (Hounsfield units) or an MR percentile "
+            "window: the model sees the image through the contrast limits.")
         self._axis_combo = ComboBox(label="Propagate along", choices=self._axis_choices)
         self._output_combo = ComboBox(label="Write into", choices=self._output_choices)
         self._start_btn = PushButton(text="Start session")
@@ -121,7 +127,7 @@ class SAM2Widget(Container):
         self._status = Label(value="Choose an image, then Start session.")
         self.extend([
             self._image_combo, self._model_combo, self._checkpoint, self._device_combo, self._fast, self._orientations,
-            self._axis_combo, self._output_combo, self._start_btn, self._new_obj_btn, self._polarity_btn, self._fwd_btn,
+            self._window_combo, self._axis_combo, self._output_combo, self._start_btn, self._new_obj_btn, self._polarity_btn, self._fwd_btn,
             self._back_btn, self._both_btn, self._stop_after, self._auto_slice_btn, self._auto_stack_btn, self._cancel_btn, self._region_combo, self._region_btn, self._panel, self._undo_btn, self._axes_edit, self._save_btn, self._resume_btn,
             self._status,
         ])
@@ -152,6 +158,7 @@ class SAM2Widget(Container):
         self._auto_stack_btn.changed.connect(lambda: self.segment_everything(whole_stack=True))
         self._cancel_btn.changed.connect(lambda: self.cancel())
         self._region_combo.changed.connect(lambda _v: self._apply_region())
+        self._window_combo.changed.connect(lambda _v: self.apply_window())
         self._region_btn.changed.connect(lambda: self.work_in_view())
         self._undo_btn.changed.connect(lambda: self.undo())
         self._save_btn.changed.connect(lambda: self._save_dialog())
@@ -232,6 +239,28 @@ class SAM2Widget(Container):
     def _on_stop_after(self, value) -> None:
         if self._controller is not None:
             self._controller.stop_after = int(value) or None
+
+    def apply_window(self, choice: "str | None" = None) -> None:
+        """Set the chosen image's contrast limits to an intensity window (CT presets in
+        Hounsfield units, or MR percentiles of the nonzero voxels); the model sees them."""
+        from ..medical import ct_window, mr_window
+
+        if choice is not None:
+            self._window_combo.value = choice  # applies it through the change signal
+            return
+        choice = self._window_combo.value
+        layer = self._image_combo.value
+        if choice == WINDOW_DISPLAYED or layer is None or layer.rgb:
+            return
+        try:
+            lo, hi = mr_window(np.asarray(layer.data)) if choice == WINDOW_MR else ct_window(choice[3:])
+        except InputError as err:
+            _notify_error(f"napari-sam2: {err}")
+            return
+        r0, r1 = layer.contrast_limits_range
+        layer.contrast_limits_range = (min(lo, r0), max(hi, r1))
+        layer.contrast_limits = (lo, hi)
+        self._set_status(f"Intensity window {choice}: {lo:g}..{hi:g} (the image's contrast limits).")
 
     def _on_contrast(self, event=None) -> None:
         """The model sees what the user sees: new contrast limits apply to slices computed from now on."""
@@ -879,10 +908,14 @@ class SAM2Widget(Container):
 
     def save_labels(self, path, *, overwrite: bool = False, session: bool = True) -> Path:
         """Write the Labels layer as a TIFF with the image's axes and calibration (the Axes
-        field overrides the axes; ``.tif`` is added to a bare name) and, with ``session``,
+        field overrides the axes; ``.tif`` is added to a bare name), or as NIfTI for a
+        ``.nii`` / ``.nii.gz`` name (with the geometry of the NIfTI volume the labels were
+        made on) and, with ``session``,
         the session beside it (``NAME.sam2.json``: objects, prompts, settings). Returns the TIFF's path."""
         from ..controller import session_path
         from ..io import labels_write_kwargs, write_labels
+
+        from ..medical import is_nifti, write_labels_layer
 
         if self._labels is None:
             raise InputError("there are no labels to save yet")
@@ -890,7 +923,13 @@ class SAM2Widget(Container):
         typed = (self._axes_edit.value or "").upper()
         if typed:
             kwargs["axes"] = typed
-        out = write_labels(path, self._labels.data, overwrite=overwrite, **kwargs)
+        if is_nifti(path):  # with the geometry of the NIfTI volume the labels were made on
+            if Path(path).exists() and not overwrite:
+                raise FileExistsError(f"{path} exists; choose another name or allow replacing it")
+            out = Path(write_labels_layer(str(path), self._labels.data, {"metadata": self._labels.metadata})[0])
+            kwargs.pop("axes", None)
+        else:
+            out = write_labels(path, self._labels.data, overwrite=overwrite, **kwargs)
         if session and self._controller is not None:
             self._controller.save(session_path(out), labels_file=out.name, labels_axes=kwargs.get("axes"),
                                   image_name=self._image_layer.name)
@@ -957,11 +996,12 @@ class SAM2Widget(Container):
         if self._labels is None:
             _notify_error("napari-sam2: there are no labels to save yet.")
             return
-        path, _ = QFileDialog.getSaveFileName(None, "Save labels", "labels.tif", "TIFF (*.tif *.tiff)")
+        path, _ = QFileDialog.getSaveFileName(None, "Save labels", "labels.tif",
+                                              "TIFF (*.tif *.tiff);;NIfTI (*.nii.gz *.nii)")
         if not path:
             return
         # the dialog asked about replacing the name it returned; ask only when another file (".tif" added) exists
-        real = tiff_path(path)
+        real = Path(path) if str(path).lower().endswith((".nii", ".nii.gz")) else tiff_path(path)
         if str(real) != str(path) and real.exists() and QMessageBox.question(
                 None, "Replace file?", f"{real} exists. Replace it?") != QMessageBox.StandardButton.Yes:
             return
