@@ -98,3 +98,31 @@ def test_cli_auto_tiles_a_large_2d_image(nano, tmp_path, capsys):
     assert "16 or more" in capsys.readouterr().err
     assert main(["auto", str(tmp_path / "big.tif"), "-o", str(tmp_path / "x.tif"), "--tile", "wide"]) == 1
     assert "'auto' or 'none'" in capsys.readouterr().err
+
+
+def test_segment_all_on_a_large_slice_works_on_tiles_and_tracks_each_object_on_its_tile(nano):
+    from napari_sam2.controller import Annotator
+
+    rng = np.random.default_rng(11)
+    centres = [(60, 60), (120, 200), (210, 90), (250, 250), (118, 118)]
+    frames = [paint_blobs((300, 300), [(y + 2 * t, x + t) for y, x in centres], [10, 12, 9, 11, 13], rng,
+                          400, 4000, np.uint16) for t in range(3)]
+    stack, truth = np.stack([f[0] for f in frames]), np.stack([f[1] for f in frames])
+    ann = Annotator(nano, stack, axis=0, displayed=(1, 2), intensity_range=(400, 4400), orientations=1)
+    assert ann.segment_everything((1, 0, 0))
+    found = ann.labels[1]
+    matched = one_to_one(found, truth[1])
+    assert len(matched) == len(centres) and min(iou for _l, iou in matched.values()) >= 0.7, matched
+    assert len(ann.objects) == len(centres)
+    for obj in ann.objects.values():  # each on a 128 px tile that holds its mask
+        assert obj.roi is not None and obj.roi.shape == (128, 128)
+        rows, cols = np.nonzero(found == obj.obj_id)
+        assert obj.roi.top <= rows.min() and rows.max() < obj.roi.bottom
+        assert obj.roi.left <= cols.min() and cols.max() < obj.roi.right
+    ann.propagate((1, 0, 0))  # tracked on their tiles, through the other slices
+    for t in (0, 2):
+        matched = one_to_one(ann.labels[t], truth[t])
+        assert len(matched) == len(centres) and min(iou for _l, iou in matched.values()) >= 0.6, (t, matched)
+    assert ann.undo() == "propagation"
+    assert ann.undo() == "auto"
+    assert not ann.labels.any() and not ann.objects

@@ -2,8 +2,9 @@
 
 The first time point is segmented from the user's prompts (clicks, a seed label
 volume, or segment everything). Every later time point's z-stack is then seeded
-from the previous time point's result: each object is prompted with its mask on
-the slice where it was largest, and tracked both ways through z. Objects keep
+from the previous time point's result: each object is prompted on the slice where
+it was largest, with one click at its most interior pixel (the model finds it where
+it is now), and tracked both ways through z. Objects keep
 their ids over time; one that is no longer found stops being followed.
 
 Example::
@@ -46,12 +47,28 @@ def _check_movie(movie) -> Tuple[int, ...]:
     return shape
 
 
+def seed_from(session, previous: np.ndarray, how: str) -> None:
+    """Prompt every object of the previous time point's label volume on the slice where it
+    was largest: with its mask ("mask"), or with one click at its most interior pixel
+    ("click": the model then finds the object where it is now, which follows motion; a mask
+    prompt is taken as the answer on its slice, so a moved object starts off shifted)."""
+    from .auto_stack import interior_point
+    from .video import largest_slices
+
+    for obj, z in largest_slices(previous, previous.shape).items():
+        mask = previous[z] == obj
+        if how == "mask":
+            session.add_mask(z, obj, mask)
+        else:
+            session.add_points(z, obj, points=[interior_point(mask)], labels=[1])
+
+
 def segment_movie(
     model, movie, *, seeds=None, points: Optional[Dict[Tuple[int, int], Tuple[Sequence, Sequence]]] = None,
     auto: Optional[dict] = None, intensity_range: Optional[Sequence[float]] = None, orientations: int = 1,
     fast: bool = False, stop_after_absent: Optional[int] = 2, nonfinite: str = "error",
     out: Optional[np.ndarray] = None, progress: Optional[Callable[[MovieEvent], None]] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
+    should_stop: Optional[Callable[[], bool]] = None, seed_with: str = "click",
 ) -> np.ndarray:
     """Every prompted object of a T x Z x Y x X movie, through z and over time (uint32 labels).
 
@@ -62,11 +79,16 @@ def segment_movie(
     (default: the first time point's percentiles). stop_after_absent: stop an object in
     z after that many slices where it is absent. out: a T x Z x Y x X integer array to
     write into (time points are written as they finish, so a cancel or error keeps them).
-    progress(event) after each time point; should_stop() between time points.
+    progress(event) after each time point; should_stop() between time points. seed_with:
+    how each later time point is prompted from the previous one's result, per object on the
+    slice where it was largest: "click" (one click at its most interior pixel, the default)
+    or "mask" (its mask; see :func:`seed_from`).
     """
     from .ensemble import open_session
 
     shape = _check_movie(movie)
+    if seed_with not in ("click", "mask"):
+        raise InputError(f"seed_with must be 'click' or 'mask', got {seed_with!r}")
     given = [name for name, v in (("seeds", seeds), ("points", points), ("auto", auto)) if v is not None]
     if len(given) != 1:
         raise InputError("give the first time point's prompts as exactly one of seeds, points or auto"
@@ -114,7 +136,7 @@ def segment_movie(
             break
         previous = np.asarray(out[t - 1])
         session = session_at(t)
-        session.add_label_volume(previous)
+        seed_from(session, previous, seed_with)
         track(session, t)
         now = sorted(int(i) for i in np.unique(np.asarray(out[t])) if i > 0)
         lost = sorted(set(followed) - set(now))
