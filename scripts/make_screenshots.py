@@ -104,8 +104,47 @@ def main() -> None:
     viewer.dims.current_step = (12, 0, 0)
     pump(app, 1.0)
     viewer.screenshot(str(out / "05-segment-everything.png"), canvas_only=False)
-    print("screenshots written to", out)
     wait_idle(app, widget)  # let the background prefetch finish before the viewer goes
+    pump(app, 0.5)
+    viewer.close()
+
+    # a large time-lapse frame of small nuclei: work in the zoomed view, where they keep their detail
+    from napari_sam2.sample_data import cells_2d_time
+
+    movie, truth = cells_2d_time((4, 700, 1100), n=90, seed=3, radius=(5, 10), speed=0.8, brightness=(0.4, 1.0))
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1500, 950)
+    viewer.window.resize(1900, 950)
+    layer = viewer.add_image(movie, name="nuclei time-lapse")
+    widget = SAM2Widget(viewer)
+    viewer.window.add_dock_widget(widget, name="SAM 2", area="right")
+    widget.configure(image=layer, loaded_model=loaded, orientations=1)
+    widget.start()
+    wait_idle(app, widget)
+    viewer.camera.center = (0, 330, 560)
+    viewer.camera.zoom = viewer.camera.zoom * 4.5  # about 130 x 190 pixels of the frame: nano's 128 px input
+    pump(app, 1.0)
+    widget.work_in_view()
+    region = widget.region
+    viewer.dims.current_step = (0, 0, 0)  # clicks on the first frame
+    first = True
+    for i in [i for i in np.unique(truth[0][region.slices]) if i]:
+        ys, xs = np.nonzero(truth[0] == i)
+        y, x = ys.mean(), xs.mean()
+        if not (region.top + 8 <= y < region.bottom - 8 and region.left + 8 <= x < region.right - 8):
+            continue
+        if not first:
+            widget.new_object()
+        first = False
+        widget.points_layer.add(np.array([[0, y, x]], float))
+        wait_idle(app, widget)
+    widget.propagate("forward")
+    wait_idle(app, widget)
+    viewer.dims.current_step = (3, 0, 0)
+    pump(app, 1.0)
+    viewer.screenshot(str(out / "06-work-in-this-view.png"), canvas_only=False)
+    print("screenshots written to", out)
+    wait_idle(app, widget)
     pump(app, 0.5)
     viewer.close()
 
