@@ -23,6 +23,7 @@ import argparse
 import time
 
 import numpy as np
+from auto_quality import match
 
 from napari_sam2.model.auto_stack import interior_point, segment_slice
 from napari_sam2.model.checkpoint import load_model
@@ -30,8 +31,6 @@ from napari_sam2.model.frames import FrameSource
 from napari_sam2.model.roi import RoiSession, region_around
 from napari_sam2.model.video import StackSession
 from napari_sam2.sample_data import cells_2d_time
-
-from auto_quality import match  # noqa: E402 (benchmarks/ is the working folder)
 
 
 def clicks(truth0: np.ndarray, min_area: int = 30):

@@ -18,10 +18,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from _stacks import moving_nuclei_movie  # noqa: E402
+from _stacks import moving_nuclei_movie
 
-from napari_sam2.model.checkpoint import load_model  # noqa: E402
-from napari_sam2.model.movie import segment_movie  # noqa: E402
+from napari_sam2.model.checkpoint import load_model
+from napari_sam2.model.movie import segment_movie
 
 
 def clicks(truth0):

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _stacks import present_tiny_model
 
 from napari_sam2.model import InputError
 from napari_sam2.model.ensemble import EnsembleSession, open_session
 from napari_sam2.model.frames import FrameSource
 from napari_sam2.model.roi import Roi, RoiSession
 from napari_sam2.model.video import StackSession
-
-from _stacks import present_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -483,18 +483,10 @@ def _segment(args) -> int:
 def _auto(args) -> int:
     import numpy as np
 
-    from .io import tiff_path
     from .model import InputError, load_model
     from .model.auto_stack import is_single_image, segment_slice, segment_stack
-    from .model.devices import pick_device
 
-    target = args.output if _is_nifti(args.output) else tiff_path(args.output)
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    _check_model(args.model)
-    _check_checkpoint(args.checkpoint)
-    device = pick_device(args.device)
-    image = _read_image(args.image)
+    device, image = _prepare(args, args.image)
     _apply_window(args, image)
     if args.stop_after < 0:
         raise InputError(f"--stop-after must be 0 (never stop) or a number of slices, got {args.stop_after}")
@@ -534,6 +526,22 @@ def _auto(args) -> int:
     return 0
 
 
+def _prepare(args, source: Path, what: str = "image"):
+    """What the commands that read one image and write one output check first: the output
+    is free (or --overwrite), the model, checkpoint and device exist; then the image is read.
+    Returns (device, image)."""
+    from .io import tiff_path
+    from .model.devices import pick_device
+
+    target = args.output if _is_nifti(args.output) else tiff_path(args.output)
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    _check_model(args.model)
+    _check_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    return device, _read_image(source, what)
+
+
 def _apply_window(args, image) -> None:
     """--window as the intensity range (--range and --window exclude each other)."""
     from .model import InputError
@@ -567,18 +575,10 @@ def _write_volume(args, volume) -> Path:
 def _box(args) -> int:
     import numpy as np
 
-    from .io import tiff_path
     from .medical import box_protocol
     from .model import InputError, load_model
-    from .model.devices import pick_device
 
-    target = args.output if _is_nifti(args.output) else tiff_path(args.output)
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    _check_model(args.model)
-    _check_checkpoint(args.checkpoint)
-    device = pick_device(args.device)
-    image = _read_image(args.image)
+    device, image = _prepare(args, args.image)
     if image.ndim != 3:
         raise InputError(f"{args.image} has shape {image.shape}: the box protocol needs a volume (Z, Y, X)")
     _apply_window(args, image)
@@ -597,20 +597,13 @@ def _movie(args) -> int:
     import numpy as np
 
     from .batch import read_points_csv
-    from .io import read_image, tiff_path, write_labels
+    from .io import read_image, write_labels
     from .model import InputError, load_model
-    from .model.devices import pick_device
     from .model.movie import segment_movie
 
-    target = tiff_path(args.output)
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     if args.stop_after < 0:
         raise InputError(f"--stop-after must be 0 (never stop) or a number of slices, got {args.stop_after}")
-    _check_model(args.model)
-    _check_checkpoint(args.checkpoint)
-    device = pick_device(args.device)
-    movie = _read_image(args.movie, "movie")
+    device, movie = _prepare(args, args.movie, "movie")
     if movie.ndim != 4:
         raise InputError(f"{args.movie} has shape {movie.shape}: a movie is T-Z-Y-X (4 axes); for a z-stack or a "
                          "2D time-lapse use napari-sam2 auto or batch")

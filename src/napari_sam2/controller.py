@@ -631,9 +631,21 @@ class Annotator:
         """
         from dataclasses import replace
 
-        from .model.auto_stack import AutoEvent, auto_segment_session, choose_tile, split_params
+        from .model.auto_stack import (
+            AutoEvent,
+            auto_segment_session,
+            choose_tile,
+            split_params,
+        )
         from .model.automatic import AutomaticMaskGenerator
-        from .model.tiles import assemble, default_overlap, home_tile, pieces_on_tile, slice_range, tile_regions
+        from .model.tiles import (
+            assemble,
+            default_overlap,
+            home_tile,
+            pieces_on_tile,
+            slice_range,
+            tile_regions,
+        )
 
         seg = self.segmenter
         key = self.slice_key(position)

@@ -14,8 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, Tuple
 
-__all__ = ["DEFAULT_MODEL", "MEDSAM2", "ORIENTATION_CHOICES", "HieraConfig", "SAM2Config", "MODELS", "NANO", "get_config",
-           "register"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MEDSAM2",
+    "MODELS",
+    "NANO",
+    "ORIENTATION_CHOICES",
+    "HieraConfig",
+    "SAM2Config",
+    "get_config",
+    "register",
+]
 
 
 @dataclass(frozen=True)

@@ -914,7 +914,6 @@ class SAM2Widget(Container):
         the session beside it (``NAME.sam2.json``: objects, prompts, settings). Returns the TIFF's path."""
         from ..controller import session_path
         from ..io import labels_write_kwargs, write_labels
-
         from ..medical import is_nifti, write_labels_layer
 
         if self._labels is None:
