@@ -189,13 +189,19 @@ def test_missing_file_and_folder(tmp_path):
         load_model("sam2.1_hiera_tiny", tmp_path)
 
 
-def test_512_variant_loads_a_tiny_checkpoint(tmp_path):
+def test_512_variant_loads_a_tiny_checkpoint(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from napari_sam2.model.config import MODELS
+
     sd = build_model(get_config("sam2.1_hiera_tiny")).state_dict()
-    model = load_model("sam2.1_hiera_tiny_512", _save(tmp_path, sd))
+    model = load_model("medsam2", _save(tmp_path, sd))
     assert model.image_size == 512
     assert model.sam_prompt_encoder.image_embedding_size == (32, 32)
+    # a config registered without a download of its own: its file must be given
+    monkeypatch.setitem(MODELS, "my_tiny_384", replace(get_config("sam2.1_hiera_tiny"), name="my_tiny_384", image_size=384))
     with pytest.raises(CheckpointError, match="no official download"):
-        load_model("sam2.1_hiera_tiny_512")
+        load_model("my_tiny_384")
 
 
 def test_unknown_model_lists_names():

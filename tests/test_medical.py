@@ -171,6 +171,8 @@ def test_box_protocol_tracks_both_ways_and_keeps_the_largest_part():
             want[z] |= masks[1]
     assert want[3].any()
     np.testing.assert_array_equal(got, want)
+    # both directions contribute: slices before and after the key slice hold the object
+    assert got[:3].any(axis=(1, 2)).all() and got[4:].any(axis=(1, 2)).all()
     np.testing.assert_array_equal(box_protocol(model, vol, box, 3, intensity_range=(-160, 240)),
                                   largest_component(want))
 

@@ -224,3 +224,64 @@ def test_segment_everything_in_a_region_equals_it_on_the_cropped_array():
     assert len(np.unique(want)) == 3  # both blobs, found on the crop
     np.testing.assert_array_equal(region.labels, want)
     assert all(o.roi == Roi(0, 0, 150, 160) for o in region.objects.values())
+
+
+def test_many_region_sessions_keep_their_objects_when_features_are_evicted(model):
+    """Twelve objects, each on its own region (more sessions than keep their slice features
+    at once): every object propagates exactly as a session on its crop does."""
+    from napari_sam2.controller import Annotator
+
+    rng = np.random.default_rng(16)
+    n, count = 3, 12
+    yy, xx = np.mgrid[0:64, 0 : 64 * count]
+    stack = rng.normal(500, 40, (n, 64, 64 * count))
+    for t in range(n):
+        for k in range(count):
+            stack[t][(yy - 30 - t) ** 2 + (xx - 64 * k - 32) ** 2 < (5 + k % 4) ** 2] += 900
+    stack = stack.astype(np.uint16)
+    ann = Annotator(model, stack, axis=0, displayed=(1, 2), intensity_range=LIMITS, roi="auto")
+    clicks = {}
+    for k in range(count):
+        obj = ann.new_object()
+        ann.set_prompts((1, 0, 0), obj, points=[(31, 64 * k + 32)], labels=[1])
+        clicks[obj] = ((0, 64 * k, 64, 64 * k + 64), (1, 64 * k + 32, 31))
+    assert [ann.objects[i].roi for i in clicks] == [Roi(*r) for r, _c in clicks.values()]  # 64 px squares
+    assert count > ann.segmenter.keep_regions
+    ann.propagate((1, 0, 0))
+    want = by_hand_labels(model, stack, clicks, range(n))
+    assert all((want == i).any() for i in clicks)
+    np.testing.assert_array_equal(ann.labels, want)
+
+
+def test_segment_everything_tracks_objects_held_in_regions_first():
+    from test_auto_stack import appearing_blob_stack
+
+    from napari_sam2.controller import Annotator
+    from napari_sam2.model.checkpoint import load_model
+
+    nano = load_model("sam2.1_nano_synthetic", None, device="cpu")
+    image, truth = appearing_blob_stack(n=8, start=0, seed=14)
+    ann = Annotator(nano, image, axis=0, displayed=(1, 2), intensity_range=(400.0, 4400.0), orientations=1,
+                    roi=Roi(0, 0, 100, 100))
+    ann.set_prompts((4, 0, 0), 1, points=[(40, 40)], labels=[1])  # blob 1, on its region
+    ann.set_roi(None)
+    assert ann.segment_everything((4, 0, 0), whole_stack=True)
+    assert ann.objects[1].roi == Roi(0, 0, 100, 100)
+    blob1 = [i for i in np.unique(ann.labels[truth == 1]) if i]
+    assert blob1 == [1]  # tracked through the stack as object 1, not found again as a new object
+    assert (ann.labels == 1).any(axis=(1, 2)).all()
+    assert ann.objects[1].propagated == ann.objects[1].version
+
+
+def test_resume_with_a_region_outside_the_image_keeps_the_chosen_region(model, tmp_path):
+    from napari_sam2.controller import Annotator
+
+    stack = wide_stack(n=3, seed=15)
+    ann = Annotator(model, stack, axis=0, displayed=(1, 2), intensity_range=LIMITS, roi=Roi(10, 20, 60, 84))
+    ann.set_prompts((1, 0, 0), 1, points=[(32, 42)], labels=[1])
+    record = ann.session_record()
+    record["objects"][0]["roi"] = [0, 0, 500, 500]  # damaged: beyond the 90 x 150 slices
+    again = Annotator(model, stack, axis=0, displayed=(1, 2), intensity_range=LIMITS, roi="auto")
+    with pytest.raises(InputError, match="outside the 90 x 150 slice"):
+        again.resume(record)
+    assert again.roi == "auto"

@@ -51,3 +51,14 @@ def test_ct_window_and_nifti_labels(make_napari_viewer, qtbot, nano, tmp_path, m
     assert (tmp_path / "seg.sam2.json").exists()
     with pytest.raises(FileExistsError):
         widget.save_labels(tmp_path / "seg.nii.gz")
+
+    # resume from the session saved beside the NIfTI labels: its labels are read back from NIfTI
+    viewer2 = make_napari_viewer()
+    layer2 = viewer2.open(str(tmp_path / "ct.nii.gz"), plugin="napari-sam2")[0]
+    widget2 = sw.SAM2Widget(viewer2)
+    viewer2.window.add_dock_widget(widget2)
+    widget2.configure(image=layer2, loaded_model=nano, orientations=1)
+    widget2.resume(tmp_path / "seg.sam2.json")
+    qtbot.waitUntil(lambda: not widget2.is_busy and widget2.session_started, timeout=TIMEOUT)
+    assert not errors, errors
+    np.testing.assert_array_equal(np.asarray(widget2.labels_layer.data), labels)

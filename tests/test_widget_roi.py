@@ -49,6 +49,6 @@ def test_work_in_this_view(make_napari_viewer, qtbot, model, monkeypatch):
     np.testing.assert_array_equal(np.asarray(widget.labels_layer.data), want)
 
     # back to whole slices: the outline goes, and a new object is tracked on the whole slice
-    widget._region_combo.value = sw.REGION_WHOLE
+    widget.configure(region="whole slices")
     assert widget.region is None
     assert not any(lay.name.endswith("SAM2 region") for lay in viewer.layers)

@@ -295,24 +295,23 @@ def _sessions(model, frames, prompts, settings: BatchSettings, item: BatchItem):
         else:
             session.add_points(z, obj, points=p["points"], labels=p["labels"], clear=False)
 
-    if settings.roi is None:
+    if settings.roi != "auto":  # one session: whole slices (with a matching store), or one region
         store = store_path(item.image)
-        features = open_store(store, model, frames).features if store.exists() else None  # a mismatch is refused
-        session = open_session(model, frames, fast=settings.fast, compute_features=features)
+        whole = settings.roi is None and store.exists()
+        features = open_store(store, model, frames).features if whole else None  # a mismatch is refused
+        roi = None if settings.roi is None else Roi.parse(settings.roi)
+        session = open_session(model, frames, fast=settings.fast, compute_features=features, roi=roi)
         for obj, z, p in prompts:
             give(session, obj, z, p)
         yield session
         return
-    fixed = None if settings.roi == "auto" else Roi.parse(settings.roi)
     by_object: Dict[int, list] = {}
     for obj, z, p in prompts:
         by_object.setdefault(obj, []).append((z, p))
-    for obj, items in sorted(by_object.items()):
-        roi = fixed
-        if roi is None:  # around all of the object's clicks, or its seed mask
-            xy = [q for _z, p in items if "points" in p for q in np.asarray(p["points"]).reshape(-1, 2)]
-            mask = next((p["mask"] for _z, p in items if "mask" in p), None)
-            roi = region_around(frames.shape, model.image_size, xy=xy or None, mask=mask)
+    for obj, items in sorted(by_object.items()):  # each on a region around its clicks, or its seed mask
+        xy = [q for _z, p in items if "points" in p for q in np.asarray(p["points"]).reshape(-1, 2)]
+        mask = next((p["mask"] for _z, p in items if "mask" in p), None)
+        roi = region_around(frames.shape, model.image_size, xy=xy or None, mask=mask)
         session = open_session(model, frames, roi=roi, fast=settings.fast)
         for z, p in items:
             give(session, obj, z, p)

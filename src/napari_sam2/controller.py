@@ -638,14 +638,7 @@ class Annotator:
             split_params,
         )
         from .model.automatic import AutomaticMaskGenerator
-        from .model.tiles import (
-            assemble,
-            default_overlap,
-            home_tile,
-            pieces_on_tile,
-            slice_range,
-            tile_regions,
-        )
+        from .model.tiles import assemble, default_overlap, home_tile, tile_pieces, tile_regions
 
         seg = self.segmenter
         key = self.slice_key(position)
@@ -668,12 +661,15 @@ class Annotator:
         with self._ids:  # labels handed out from now on: the run's and any new_object()'s
             self._next_free = max(self._next_free, self.next_label(), self.active + 1)
 
+        handed: List[int] = []  # labels given to the engine by this run
+
         def next_id() -> int:
             with self._ids:
                 i = self._next_free
                 while i in self.objects or i == self.active:
                     i += 1
                 self._next_free = i + 1
+                handed.append(i)
                 return i
 
         def occupied(frame: int) -> np.ndarray:
@@ -698,15 +694,14 @@ class Annotator:
             or on a region around its mask (full detail when propagated)."""
             frame = seg.slice_of(key)
             image = np.asarray(seg.view(key)[frame])
-            rng = slice_range(image, seg.intensity_range)
             tiles = tile_regions(seg.slice_shape, tile, default_overlap(tile))
             pieces: list = []
-            for k, t in enumerate(tiles):
-                if holder["job"].cancelled:
-                    return
-                pieces += pieces_on_tile(generator, image, rng, stack_params, t, k,
-                                         should_stop=lambda: holder["job"].cancelled)
+            cancelled = lambda: holder["job"].cancelled  # noqa: E731
+            for k, found in tile_pieces(generator, image, seg.intensity_range, stack_params, tiles, cancelled):
+                pieces += found
                 yield AutoEvent("found", frame, {}, k + 1, len(tiles) + 1)
+            if cancelled():
+                return
             found, given = {}, {}
             for p in assemble(pieces, tiles, seg.slice_shape, stack_params, taken=occupied(frame)):
                 obj_id = next_id()
@@ -727,6 +722,13 @@ class Annotator:
             with seg.lock:
                 session = seg.session(key, roi=region)
                 entry["snaps"] = {i: seg.snapshot(key, i) for i in waiting}
+                elsewhere = [i for i in waiting if i not in session.objects]  # e.g. objects on their own regions
+            if elsewhere:  # tracked first too, so that the search does not find them again
+                for f, masks in seg.propagate(key, "both", obj_ids=elsewhere, view=True,
+                                              stop_after_absent=stack_params.stop_after_absent):
+                    yield AutoEvent("tracked", f, masks, 0, 1)
+                    if holder["job"].cancelled:
+                        return
             # the engine lock is taken per slice and per prompt, not while proposals are searched
             yield from auto_segment_session(session, generator, params=stack_params, next_id=next_id,
                                             occupied=occupied, track=whole_stack, existing=waiting, lock=seg.lock,
@@ -756,6 +758,10 @@ class Annotator:
         def on_error(err):
             state["error"] = _message(err)
             self.on_notify("error", f"napari-sam2: segment everything failed: {state['error']}")
+            # objects the engine took but the run never reported (it failed between the two) go
+            for i in handed:
+                if i not in self.objects:
+                    seg.take_out(i)
 
         def finish():
             job = self._propagation
@@ -973,11 +979,12 @@ class Annotator:
     def prefetch(self, position: Sequence[int]) -> None:
         """Compute the features of the slice at ``position`` and its neighbours in the background."""
         seg = self.segmenter
-        if seg.axis is None or self.is_busy:
+        if seg.axis is None or self.is_busy or self.roi == "auto":  # "auto": regions are not known yet
             return
         key = self.slice_key(position)
         s = seg.slice_of(key)
-        self.queue.submit(("prefetch",), Job(lambda: seg.prefetch(key, [s, s + 1, s - 1]),
+        roi = self.roi
+        self.queue.submit(("prefetch",), Job(lambda: seg.prefetch(key, [s, s + 1, s - 1], roi=roi),
                                              on_error=self._failed("preparing slices", quiet=True)))
 
     def _report_nonfinite(self) -> None:
@@ -1076,6 +1083,19 @@ class Annotator:
             self.user_labels = self.user_labels | (frozenset(int(v) for v in record.get("user_labels", ())))
             self.on_labels(False)
         chosen = self.roi
+        try:
+            self._resume_objects(record)
+        finally:
+            self.roi = chosen  # the resumed objects' regions are theirs, not the next object's
+        self.active = self.next_label()
+        self.on_objects()
+        # the resumed state is where undo starts (its prompts are not changes to take back)
+        self.queue.submit(("resumed",), Job(lambda: None, on_result=lambda _r: self._undo.clear()))
+        if propagate:
+            self._replay(list(record.get("propagations") or []))
+
+    def _resume_objects(self, record: dict) -> None:
+        """Each saved object's prompts, given again on its own region."""
         for item in record["objects"]:
             obj_id = int(item["id"])
             self.roi = None if item.get("roi") is None else self.segmenter.region(item["roi"])  # its own region
@@ -1091,13 +1111,6 @@ class Annotator:
                                      box=None if box is None else [point_rc(c, self.displayed) for c in box])
             if item.get("hidden") and obj_id in self.objects:
                 self.objects[obj_id].hidden = True
-        self.roi = chosen
-        self.active = self.next_label()
-        self.on_objects()
-        # the resumed state is where undo starts (its prompts are not changes to take back)
-        self.queue.submit(("resumed",), Job(lambda: None, on_result=lambda _r: self._undo.clear()))
-        if propagate:
-            self._replay(list(record.get("propagations") or []))
 
     def _replay(self, runs: List[dict]) -> None:
         """Run recorded propagations one after another (each starts when the last ends)."""

@@ -459,6 +459,14 @@ def read_labels(path: Union[str, Path], axes: Optional[str], shape: Sequence[int
     Raises InputError when it does not fit ``shape``."""
     from .model.preprocess import InputError
 
+    if str(path).lower().endswith((".nii", ".nii.gz")):  # saved as NIfTI: Z-Y-X as the viewer showed it
+        from .medical import read_nifti
+
+        data = np.asarray(read_nifti(path).data)
+        if data.shape != tuple(int(v) for v in shape):
+            raise InputError(f"the labels file {path} holds an array of shape {data.shape}; the session's image "
+                             f"has shape {tuple(shape)}")
+        return data
     try:
         f = read_image_file(path)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets one plain message

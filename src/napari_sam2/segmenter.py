@@ -88,7 +88,8 @@ class StackSegmenter:
         self.feature_store = feature_store  # an embedding store of the whole stack (napari_sam2.store)
         self._store_sessions: set = set()  # keys of the sessions reading it
         self._messages: List[str] = []
-        self.sessions: "OrderedDict[tuple, Session]" = OrderedDict()
+        self.sessions: "OrderedDict[tuple, Session]" = OrderedDict()  # (key, region) -> session
+        self._listing: Tuple[tuple, ...] = ()  # (key, region, session) of every session, replaced whole
         self.lock = threading.RLock()
         self._reported_nonfinite: set = set()
 
@@ -120,9 +121,13 @@ class StackSegmenter:
         r = Roi.parse(roi).inside(self.slice_shape)
         return None if r.is_whole(self.slice_shape) else r
 
-    #: sessions (fixed positions, e.g. time points of a T-Z-Y-X movie) that keep their
-    #: slice features; older ones drop their features, and are dropped when they hold no object
+    #: positions (fixed coordinates, e.g. time points of a T-Z-Y-X movie) whose sessions keep
+    #: their slice features; sessions elsewhere drop their features, and are dropped when they
+    #: hold no object
     keep_sessions = 2
+    #: at most this many sessions keep slice features at once (the most recently used): with
+    #: an object per region there can be hundreds of region sessions at one position
+    keep_regions = 8
 
     def session(self, position: Sequence[int], roi=None) -> Session:
         """The session of the stack at ``position`` on region ``roi`` (None: whole slices)."""
@@ -136,13 +141,14 @@ class StackSegmenter:
                     kwargs["compute_features"] = features
                 self.sessions[k] = open_session(self.model, frames, orientations=self.orientations, roi=k[1], **kwargs)
                 self._evict()
+                self._listing = tuple((kk, r, ss) for (kk, r), ss in self.sessions.items())
             self.sessions.move_to_end(k)
             return self.sessions[k]
 
     def _sessions_at(self, position: Sequence[int]) -> List[Tuple[Optional[Roi], Session]]:
         """The sessions (whole slices and regions) of the stack at ``position``."""
         k = self.key(position)
-        return [(r, s) for (kk, r), s in list(self.sessions.items()) if kk == k]
+        return [(r, s) for kk, r, s in self._listing if kk == k]  # a snapshot: the GUI thread reads it too
 
     def _holder(self, position: Sequence[int], obj_id: int) -> Optional[Tuple[Optional[Roi], Session]]:
         """(region, session) that holds ``obj_id`` at ``position``, or None."""
@@ -191,13 +197,23 @@ class StackSegmenter:
         return out
 
     def _evict(self) -> None:
-        """Bound memory while the viewer scrolls through fixed axes: beyond the most recent
-        sessions, one without objects is dropped and one with objects keeps its prompts and
-        memories but not its cached slice features (recomputed if it is used again)."""
-        for k in list(self.sessions)[: -self.keep_sessions]:
-            s = self.sessions[k]
-            if s.objects:
-                s.clear_features()
+        """Bound memory while the viewer scrolls through fixed axes and objects get regions of
+        their own: sessions at the most recent positions, and among them the most recently
+        used ones, keep their cached slice features; any other session with objects keeps its
+        prompts and memories but not its features (recomputed if it is used again), and one
+        without objects is dropped."""
+        order = list(self.sessions)  # least recently used first
+        positions: List[tuple] = []
+        for key, _roi in reversed(order):
+            if key not in positions:
+                positions.append(key)
+        recent = set(positions[: self.keep_sessions])
+        warm = set(order[-self.keep_regions:])
+        for k in order:
+            if k[0] in recent and k in warm:
+                continue
+            if self.sessions[k].objects:
+                self.sessions[k].clear_features()
             else:
                 del self.sessions[k]
 
@@ -236,7 +252,7 @@ class StackSegmenter:
         """Positions (labels indices) of slices found since the last call to hold NaN or
         infinite values that were treated as background."""
         news = []
-        for (k, _roi), s in list(self.sessions.items()):
+        for k, _roi, s in self._listing:
             for f in s.frames.nonfinite_found():
                 if (k, f) not in self._reported_nonfinite:
                     self._reported_nonfinite.add((k, f))
@@ -385,9 +401,10 @@ class StackSegmenter:
                 self.session(position, roi).prefetch([f])
 
     def propagate(
-        self, position, direction: str = "both", frame_range=None, **options
+        self, position, direction: str = "both", frame_range=None, *, view: bool = False, **options
     ) -> Iterator[Tuple[tuple, Dict[int, np.ndarray]]]:
-        """Yields (labels index of a slice, {obj_id: mask}) as slices are computed.
+        """Yields (labels index of a slice, {obj_id: mask}) as slices are computed (with
+        ``view``: (slice number, {obj_id: mask in view order}), as a session gives them).
 
         options: obj_ids, object_ranges, stop_after_absent (see StackSession.propagate).
         The session's lock is held while a slice is computed, not between slices.
@@ -416,4 +433,7 @@ class StackSegmenter:
                 if item is None:
                     break
                 f, masks = item
-                yield self.label_index(position, f), {i: self.to_data_order(m) for i, m in masks.items()}
+                if view:
+                    yield f, dict(masks)
+                else:
+                    yield self.label_index(position, f), {i: self.to_data_order(m) for i, m in masks.items()}

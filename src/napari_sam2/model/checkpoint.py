@@ -407,7 +407,7 @@ def load_model(
     if checkpoint is None:
         if name not in CHECKPOINTS:
             raise CheckpointError(
-                f"model {name!r} has no official download (e.g. MedSAM2's 512 px fine-tune); "
+                f"model {name!r} has no official download (e.g. a fine-tune you registered); "
                 "pass the checkpoint file you have for it"
             )
         info = CHECKPOINTS[name]

@@ -152,9 +152,9 @@ for _size, _trunk in (
     _v20 = register(SAM2Config(name=f"sam2_hiera_{_size}", trunk=_trunk))
     register(_v21(_v20, f"sam2.1_hiera_{_size}"))
 
-# MedSAM2 fine-tunes SAM 2.1 tiny at 512 px; same weights layout, smaller input (its RoPE
-# grids follow: 32 x 32). "medsam2" names it for the download (checkpoint.CHECKPOINTS).
-register(replace(MODELS["sam2.1_hiera_tiny"], name="sam2.1_hiera_tiny_512", image_size=512))
+# MedSAM2 fine-tunes SAM 2.1 tiny at 512 px: the same weights layout, a smaller input (its
+# RoPE grids follow: 32 x 32); its file is downloaded by this name (checkpoint.CHECKPOINTS).
+# Other 512 px fine-tunes of 2.1 tiny load into it too.
 MEDSAM2 = register(replace(MODELS["sam2.1_hiera_tiny"], name="medsam2", image_size=512))
 
 # A "nano" SAM 2.1 (1.25 M parameters) meant for CPUs and offline use: a narrow

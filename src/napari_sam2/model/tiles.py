@@ -27,7 +27,7 @@ from scipy import ndimage as ndi
 from .preprocess import InputError, default_intensity_range
 from .roi import Roi
 
-__all__ = ["Piece", "assemble", "default_overlap", "home_tile", "merge_pieces", "pieces_on_tile", "propose_tiled", "slice_range", "tile_regions"]
+__all__ = ["Piece", "assemble", "default_overlap", "home_tile", "merge_pieces", "pieces_on_tile", "propose_tiled", "slice_range", "tile_pieces", "tile_regions"]
 
 
 def default_overlap(tile: int) -> int:
@@ -194,6 +194,16 @@ def slice_range(image: np.ndarray, intensity_range) -> Tuple[float, float]:
     return tuple(intensity_range) if intensity_range is not None else default_intensity_range(image)
 
 
+def tile_pieces(generator, image: np.ndarray, intensity_range, params, tiles: Sequence[Roi],
+                should_stop: Optional[Callable[[], bool]] = None):
+    """Yields (tile number, its pieces) tile by tile (stops when should_stop() says so)."""
+    rng = slice_range(image, intensity_range)
+    for k, t in enumerate(tiles):
+        if should_stop is not None and should_stop():
+            return
+        yield k, pieces_on_tile(generator, image, rng, params, t, k, should_stop)
+
+
 def propose_tiled(generator, image, intensity_range, params, *, tile: int, overlap: int,
                   should_stop: Optional[Callable[[], bool]] = None,
                   progress: Optional[Callable[[int, int], None]] = None) -> List[Piece]:
@@ -202,13 +212,10 @@ def propose_tiled(generator, image, intensity_range, params, *, tile: int, overl
     :class:`~napari_sam2.model.auto_stack.StackAutoParams`. progress(tiles done, tiles)
     after each tile; should_stop() between tiles."""
     arr = np.asarray(image)
-    rng = slice_range(arr, intensity_range)
     tiles = tile_regions(arr.shape[:2], tile, overlap)
     pieces: List[Piece] = []
-    for k, t in enumerate(tiles):
-        if should_stop is not None and should_stop():
-            break
-        pieces += pieces_on_tile(generator, arr, rng, params, t, k, should_stop)
+    for k, found in tile_pieces(generator, arr, intensity_range, params, tiles, should_stop):
+        pieces += found
         if progress is not None:
             progress(k + 1, len(tiles))
     return assemble(pieces, tiles, arr.shape[:2], params)

@@ -383,7 +383,7 @@ class SAM2Widget(Container):
     def configure(self, *, image=None, model: "str | None" = None, checkpoint=None, orientations: "int | None" = None,
                   fast: "bool | None" = None, device: "str | None" = None, loaded_model=None,
                   axis: "int | None" = None, stop_after: "int | None" = None, output=None,
-                  objects: "str | None" = None, slices: "str | None" = None) -> None:
+                  objects: "str | None" = None, slices: "str | None" = None, region: "str | None" = None) -> None:
         """Set the widget's choices from Python (the CLI, scripts and tests use this).
 
         image: an Image layer of the viewer; model: a registry name; checkpoint: a weights
@@ -393,8 +393,13 @@ class SAM2Widget(Container):
         chooses a default for the axis, so set it after); output: an existing Labels layer
         to write into (default: a new one); objects: which objects a propagation runs,
         "changed" (or all) or "selected" (in the table); slices: a range "first-last" to
-        propagate within ("" for all).
+        propagate within ("" for all); region: what new objects are tracked on, "whole
+        slices", "this view" (the canvas now) or "around each object".
         """
+        if region is not None:
+            if region not in REGION_CHOICES:
+                raise InputError(f"region must be one of {REGION_CHOICES}, got {region!r}")
+            self._region_combo.value = region
         if image is not None:
             self._image_combo.value = image
         if axis is not None:
@@ -911,7 +916,8 @@ class SAM2Widget(Container):
         field overrides the axes; ``.tif`` is added to a bare name), or as NIfTI for a
         ``.nii`` / ``.nii.gz`` name (with the geometry of the NIfTI volume the labels were
         made on) and, with ``session``,
-        the session beside it (``NAME.sam2.json``: objects, prompts, settings). Returns the TIFF's path."""
+        the session beside it (``NAME.sam2.json``: objects, prompts, settings). Returns the
+        written file's path."""
         from ..controller import session_path
         from ..io import labels_write_kwargs, write_labels
         from ..medical import is_nifti, write_labels_layer
@@ -925,6 +931,10 @@ class SAM2Widget(Container):
         if is_nifti(path):  # with the geometry of the NIfTI volume the labels were made on
             if Path(path).exists() and not overwrite:
                 raise FileExistsError(f"{path} exists; choose another name or allow replacing it")
+            source = ((self._labels.metadata or {}).get("napari_sam2") or {}).get("nifti_source")
+            if not source or not Path(source).exists():
+                _notify_warning("napari-sam2: the image was not opened from a NIfTI file that still exists, so the "
+                                "labels are saved with an identity affine (1 mm voxels, no orientation).")
             out = Path(write_labels_layer(str(path), self._labels.data, {"metadata": self._labels.metadata})[0])
             kwargs.pop("axes", None)
         else:
