@@ -172,3 +172,35 @@ def test_version(capsys):
 def test_evaluate_stop_after_must_be_positive(capsys):
     line = _fails(capsys, ["evaluate", "--synthetic-seeds", "9000", "--stop-after", "0", "--device", "cpu"])
     assert "--stop-after must be 1 or more" in line
+
+
+def test_errors_share_one_base_the_command_line_catches():
+    from napari_sam2.model import CheckpointError, InputError, NapariSAM2Error, TrainingError
+
+    for kind in (CheckpointError, InputError, TrainingError):
+        assert issubclass(kind, NapariSAM2Error)
+    # the built-in bases they had stay, so callers' except clauses still catch them
+    assert issubclass(InputError, ValueError) and issubclass(CheckpointError, RuntimeError)
+    assert issubclass(TrainingError, RuntimeError)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    import torch
+
+    from napari_sam2.model.checkpoint import atomic_save
+    from napari_sam2.model.files import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "record.json", "old")
+
+    def half_then_fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"could not write the record to .*record\.json: No space left") as err:
+        atomic_write(target, half_then_fail, what="the record")
+    assert err.value.errno == 28
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+    atomic_save({"w": torch.ones(2)}, tmp_path / "weights.pt")
+    assert torch.equal(torch.load(tmp_path / "weights.pt")["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json", "weights.pt"]

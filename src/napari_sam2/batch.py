@@ -362,7 +362,8 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
     """Segment one stack and write its label TIFF, then its provenance JSON (both atomically).
     A stack whose JSON exists is skipped; errors become a "failed" result, never an exception."""
     from . import __version__
-    from .io import atomic_write, read_image, write_labels, write_ome_zarr_labels
+    from .io import read_image, write_labels, write_ome_zarr_labels
+    from .model.files import atomic_write_text
     from .store import model_identity
 
     tif, meta = result_paths(item.output)
@@ -399,7 +400,7 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
             "run": _run_record(item, settings),
         }
         text = json.dumps(record, indent=1)
-        atomic_write(meta, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what="the provenance record")
+        atomic_write_text(meta, text, what="the provenance record")
         return BatchResult(item.image, str(tif), "done", objects=objects, seconds=seconds)
     except Exception as err:  # one stack's failure is reported, the batch goes on
         msg = str(err) if isinstance(err, (InputError, OSError, ValueError)) else f"{type(err).__name__}: {err}"

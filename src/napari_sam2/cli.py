@@ -251,8 +251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     args = build_parser().parse_args(_attach_negative_values(argv))
-    from .model import CHECKPOINTS, MODELS, CheckpointError, InputError
-    from .model.train import TrainingError
+    from .model import CHECKPOINTS, MODELS
+    from .model.errors import NapariSAM2Error
 
     try:
         if args.command == "models":
@@ -292,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(fetch_checkpoint(info.url, sha256=info.sha256))
             return 0
         return _segment(args)
-    except (CheckpointError, InputError, TrainingError, FileExistsError, FileNotFoundError) as err:
+    except (NapariSAM2Error, FileExistsError, FileNotFoundError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
         return 1
 

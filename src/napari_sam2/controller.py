@@ -638,7 +638,13 @@ class Annotator:
             split_params,
         )
         from .model.automatic import AutomaticMaskGenerator
-        from .model.tiles import assemble, default_overlap, home_tile, tile_pieces, tile_regions
+        from .model.tiles import (
+            assemble,
+            default_overlap,
+            home_tile,
+            tile_pieces,
+            tile_regions,
+        )
 
         seg = self.segmenter
         key = self.slice_key(position)
@@ -1152,10 +1158,9 @@ def decode_mask(rle: dict) -> np.ndarray:
 
 def save_session(path: Union[str, Path], record: dict) -> Path:
     """Write a session record as JSON, atomically."""
-    from .io import atomic_write
+    from .model.files import atomic_write_text
 
-    text = json.dumps(record, indent=1)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what="the session")
+    return atomic_write_text(path, json.dumps(record, indent=1), what="the session")
 
 
 def load_session(path: Union[str, Path]) -> dict:

@@ -14,19 +14,18 @@ the axes, voxel size and unit of a napari Labels layer for it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import re
-import stat
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .model.files import atomic_write  # noqa: F401 (io's writers use it; importable from here too)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: key under which the axes and units of an image live in a napari layer's ``metadata``
@@ -438,21 +437,6 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
     raise ValueError(f"label {top} does not fit in 32 bits; relabel to consecutive numbers first")
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (other threads may
-    create files meanwhile); else set and restored at once."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
 def read_labels(path: Union[str, Path], axes: Optional[str], shape: Sequence[int]) -> np.ndarray:
     """A label TIFF written by :func:`write_labels` back in the layer's axis order ``axes``
     (write_labels stores axes in T, Z, C, Y, X order and readers drop axes of size 1).
@@ -612,44 +596,6 @@ def write_labels(
     return atomic_write(
         path, lambda tmp: tifffile.imwrite(tmp, data, photometric="minisblack", **kwargs), what="labels"
     )
-
-
-def atomic_write(path: Union[str, Path], write: Callable[[str], Any], *, what: str = "the file") -> Path:
-    """Write a file so that a crash never leaves it half-written: ``write(tmp)`` writes a
-    temporary file beside ``path``, which then replaces ``path`` (keeping its permissions,
-    or the user's umask for a new file). Errors name ``path``, not the temporary file."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(exc, (OSError, ValueError, TypeError)):  # TiffFileError is a ValueError
-            raise _write_error(exc, path, tmp, what) from exc
-        raise
-    return path
-
-
-def _write_error(exc: BaseException, path: Path, tmp: Optional[str], what: str = "labels") -> Exception:
-    """``exc`` restated about ``path``, not the temporary file it happened on."""
-    reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
-    if tmp:
-        reason = reason.replace(str(tmp), str(path)).replace(os.path.basename(tmp), path.name)
-    message = f"could not write {what} to {path}: {reason or type(exc).__name__}"
-    if isinstance(exc, OSError):
-        if exc.errno:
-            # keeps the errno (and its subclass: PermissionError, ...) for callers that check it
-            return OSError(exc.errno, message)
-        return OSError(message)
-    return ValueError(message)
 
 
 def labels_write_kwargs(source: Any, ndim: Optional[int] = None) -> Dict[str, Any]:

@@ -10,14 +10,13 @@ its affine and header geometry, so they overlay the image in any other tool.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .model.files import atomic_write
 from .model.preprocess import InputError, percentile_range
 
 __all__ = ["CT_WINDOWS", "NiftiVolume", "box_protocol", "ct_window", "is_nifti", "mr_window", "napari_get_reader",
@@ -146,18 +145,8 @@ def write_nifti_labels(path: Union[str, Path], labels, *, reference: Optional[Un
         img.header.set_slope_inter(1, 0)
     else:
         img = nib.Nifti1Image(voxels, np.eye(4))
-    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"  # nibabel picks the format by name
+    return atomic_write(path, lambda tmp: nib.save(img, tmp), what="the labels", suffix=suffix)
 
 
 # ---------------------------------------------------------------------- napari contributions

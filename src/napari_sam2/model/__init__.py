@@ -9,6 +9,7 @@ Main entry points:
 
 from .checkpoint import CHECKPOINTS, CheckpointError, load_model
 from .config import MODELS, HieraConfig, SAM2Config, get_config
+from .errors import NapariSAM2Error, TrainingError
 from .predictor import ImagePredictor, Prediction
 from .preprocess import InputError
 from .sam2 import SAM2Model, build_model
@@ -20,9 +21,11 @@ __all__ = [
     "HieraConfig",
     "ImagePredictor",
     "InputError",
+    "NapariSAM2Error",
     "Prediction",
     "SAM2Config",
     "SAM2Model",
+    "TrainingError",
     "build_model",
     "get_config",
     "load_model",

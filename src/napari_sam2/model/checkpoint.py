@@ -25,6 +25,8 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from .config import DEFAULT_MODEL, SAM2Config, get_config
+from .errors import CheckpointError
+from .files import atomic_write, atomic_write_text
 from .sam2 import SAM2Model, build_model
 
 __all__ = [
@@ -118,13 +120,9 @@ def export_bundled(weights: Union[str, Path], name: str = "sam2.1_nano_synthetic
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save into a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), what="the weights")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be downloaded, read or matched to a model."""
 
 
 def cache_dir() -> Path:
@@ -209,9 +207,7 @@ def _record_sum(path: Path) -> None:
     side = path.with_name(path.name + ".sha256")
     if not side.exists():
         digest = _sha256(path)
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(digest + "\n")
-        os.replace(tmp, side)
+        atomic_write_text(side, digest + "\n", what="the checksum")
         _record_verified(path, digest)
 
 
@@ -255,10 +251,8 @@ def _file_stamp(path: Path) -> dict:
 def _record_verified(path: Path, sha256: str) -> None:
     """Note that ``path``, as it is now (size, modification time, inode), has sum ``sha256``."""
     stamp = _stamp_path(path)
-    tmp = stamp.with_name(stamp.name + ".tmp")
     try:
-        tmp.write_text(json.dumps({**_file_stamp(path), "sha256": sha256}) + "\n")
-        os.replace(tmp, stamp)
+        atomic_write_text(stamp, json.dumps({**_file_stamp(path), "sha256": sha256}) + "\n", what="the checksum")
     except OSError:  # a read-only cache: the file is simply hashed again next time
         pass
 

@@ -8,9 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-class InputError(ValueError):
-    """Bad input from the caller; the message says what was wrong and what to do."""
+from .errors import InputError  # noqa: F401 (defined with the other errors; imported from here too)
 
 
 def check_image(image, name: str = "image") -> np.ndarray:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,8 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_save
 from .config import SAM2Config, get_config
+from .errors import TrainingError
+from .files import atomic_write_text
 from .frames import FrameSource
 from .preprocess import InputError
 from .sam2 import FrameFeatures, HeadsOutput, SAM2Model, build_model
@@ -62,8 +63,6 @@ __all__ = [
 ]
 
 
-class TrainingError(RuntimeError):
-    """Training cannot start or go on (bad data, incompatible checkpoint...)."""
 
 
 @dataclass(frozen=True)
@@ -537,12 +536,6 @@ class TrainEvent:
     metrics: Dict[str, float] = field(default_factory=dict)
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Trainer:
     """A training run writing to ``out_dir``.
 
@@ -626,7 +619,7 @@ class Trainer:
         path = self.out_dir / "checkpoint.pt"
         atomic_save(self.state(), path)
         atomic_save(self.model.state_dict(), self.out_dir / "weights.pt")
-        _atomic_write_text(json.dumps(self.history, indent=1), self.out_dir / "history.json")
+        atomic_write_text(self.out_dir / "history.json", json.dumps(self.history, indent=1), what="the history")
         return path
 
     def resume(self, path: Union[str, Path, None] = None) -> None:
