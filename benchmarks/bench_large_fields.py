@@ -28,6 +28,7 @@ from auto_quality import match
 from napari_sam2.model.auto_stack import interior_point, segment_slice
 from napari_sam2.model.checkpoint import load_model
 from napari_sam2.model.frames import FrameSource
+from napari_sam2.model.metrics import dice
 from napari_sam2.model.roi import RoiSession, region_around
 from napari_sam2.model.video import StackSession
 from napari_sam2.sample_data import cells_2d_time
@@ -49,9 +50,7 @@ def dice_table(pred: dict, truth: np.ndarray, ids) -> np.ndarray:
     out = np.zeros((len(ids), truth.shape[0]))
     for a, i in enumerate(ids):
         for t in range(truth.shape[0]):
-            g, p = truth[t] == i, pred[i][t]
-            s = g.sum() + p.sum()
-            out[a, t] = 2 * (g & p).sum() / s if s else 1.0
+            out[a, t] = dice(pred[i][t], truth[t] == i)
     return out
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _stacks import moving_nuclei_movie
 
 from napari_sam2.model.checkpoint import load_model
+from napari_sam2.model.metrics import dice
 from napari_sam2.model.movie import segment_movie
 
 
@@ -51,8 +52,7 @@ def main() -> None:
             table = np.zeros((count, t))
             for i in range(1, count + 1):
                 for k in range(t):
-                    g, p = truth[k] == i, labels[k] == i
-                    table[i - 1, k] = 2 * (g & p).sum() / max(g.sum() + p.sum(), 1)
+                    table[i - 1, k] = dice(labels[k] == i, truth[k] == i)
             print(f"movie {t}x{z}x{hw[0]}x{hw[1]}, {count} nuclei, drift {step} px, seed {seed}, "
                   f"{orientations} orientation(s): mean Dice {table.mean():.3f}, min {table.min():.3f}, {sec:.1f} s")
             print("  Dice per nucleus (rows) and time point (columns):")

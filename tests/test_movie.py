@@ -8,6 +8,7 @@ import pytest
 from _stacks import moving_nuclei_movie
 
 from napari_sam2.model import InputError
+from napari_sam2.model.metrics import dice
 from napari_sam2.model.movie import segment_movie
 
 
@@ -16,11 +17,6 @@ def nano():
     from napari_sam2.model.checkpoint import load_model
 
     return load_model("sam2.1_nano_synthetic", None, device="cpu")
-
-
-def dice(a, b):
-    s = a.sum() + b.sum()
-    return 2 * np.logical_and(a, b).sum() / s if s else 1.0
 
 
 def clicks_at_start(truth):

@@ -34,7 +34,7 @@ from .frames import FrameSource
 from .geometry import mask_to_model, orient, orient_xy, unorient
 from .preprocess import InputError
 from .prompts import BOX_LABELS, check_mask, slice_prompt
-from .sam2 import FrameFeatures, SAM2Model
+from .sam2 import LOGIT_CLAMP, FrameFeatures, SAM2Model
 from .session import Session
 from .video import (
     SessionCommon,
@@ -84,9 +84,8 @@ def default_orientations(model_name: Optional[str]) -> int:
     return 8 if model_name == NANO.name else 1
 
 
-# logits are clamped before averaging, so one confident member cannot outvote the rest
-# (the value the reference clamps mask logits to when it feeds them back)
-LOGIT_CLAMP = 32.0
+# logits are clamped (to LOGIT_CLAMP) before averaging, so one confident member cannot
+# outvote the rest
 
 
 class OrientedFrames(FrameSource):

@@ -15,15 +15,10 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from .ensemble import open_session
+from .metrics import dice
 from .sam2 import SAM2Model
 
 __all__ = ["ObjectScore", "central_pixel", "click_and_propagate", "dice", "error_shares", "score_object", "slice_table"]
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two boolean arrays (1.0 when both are empty)."""
-    total = int(pred.sum()) + int(gt.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
 
 
 @dataclass

@@ -31,7 +31,7 @@ from .preprocess import (
     to_unit_rgb,
 )
 from .prompts import check_prompts
-from .sam2 import FrameFeatures, SAM2Model
+from .sam2 import LOGIT_CLAMP, FrameFeatures, SAM2Model
 
 
 @dataclass
@@ -206,7 +206,7 @@ class ImagePredictor:
             )
         low = dec.masks.float()
         full = F.interpolate(low, size=self._orig_hw, mode="bilinear", align_corners=False)
-        low = low.clamp(-32.0, 32.0)
+        low = low.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
         out = Prediction(
             masks=(full > self.mask_threshold).cpu().numpy(),
             iou=dec.iou.float().cpu().numpy(),

@@ -25,6 +25,9 @@ from .prompt_encoder import PromptEncoder
 from .transformer import TwoWayTransformer
 
 NO_OBJ_SCORE = -1024.0  # logit written where the object is predicted absent
+# mask logits fed back as a prompt (a correction on a slice with a result) are clamped to
+# +-LOGIT_CLAMP, as the reference does; an ensemble clamps each member before averaging
+LOGIT_CLAMP = 32.0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

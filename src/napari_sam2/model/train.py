@@ -40,9 +40,10 @@ from .checkpoint import atomic_save
 from .config import SAM2Config, get_config
 from .errors import TrainingError
 from .files import atomic_write_text
+from .metrics import dice_per_row
 from .frames import FrameSource
 from .preprocess import InputError
-from .sam2 import FrameFeatures, HeadsOutput, SAM2Model, build_model
+from .sam2 import LOGIT_CLAMP, FrameFeatures, HeadsOutput, SAM2Model, build_model
 from .tracking import (
     FrameOutput,
     PointPrompt,
@@ -475,7 +476,7 @@ def run_clip(
             if heads is not None:
                 extra = correction_click(heads.high_res_masks.detach().cpu(), gt.cpu(), gen)
                 prompt = prompt.extended(extra.coords.to(device), extra.labels.to(device))
-                prev = heads.low_res_masks.detach().clamp(-32.0, 32.0)
+                prev = heads.low_res_masks.detach().clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
             heads = track_step(
                 model, f, p, is_init_cond_frame=True, prompt=prompt, mask_input=None, cond=cond,
                 non_cond=non_cond, maskmem_pos=maskmem_pos, reverse=False, num_frames=num_frames,
@@ -500,7 +501,7 @@ def run_clip(
                     model, f, t, is_init_cond_frame=False,
                     prompt=PointPrompt(click.coords.to(device), click.labels.to(device)), mask_input=None,
                     cond=cond, non_cond=non_cond, maskmem_pos=maskmem_pos, reverse=reverse,
-                    num_frames=num_frames, prev_mask_logits=heads.low_res_masks.detach().clamp(-32.0, 32.0),
+                    num_frames=num_frames, prev_mask_logits=heads.low_res_masks.detach().clamp(-LOGIT_CLAMP, LOGIT_CLAMP),
                     use_pointers=use_pointers,
                 )
                 add_loss(heads, t)
@@ -509,13 +510,6 @@ def run_clip(
     loss = torch.stack(losses).mean()
     parts = {k: v / len(losses) for k, v in parts_sum.items()}
     return ClipResult(loss, parts, masks)
-
-
-def dice_3d(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Dice of B ... boolean volumes, one value per row (1 where both are empty)."""
-    inter = (pred & gt).flatten(1).sum(1).float()
-    total = pred.flatten(1).sum(1).float() + gt.flatten(1).sum(1).float()
-    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -696,7 +690,7 @@ class Trainer:
             with self._amp():
                 res = run_clip(self.model, batch, self.cfg, gen, central=True)
             losses.append(float(res.loss))
-            d = dice_3d(res.masks, batch.targets.cpu())
+            d = dice_per_row(res.masks, batch.targets.cpu())
             dices.extend(d.tolist())
         return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(dices))}
 

@@ -37,7 +37,7 @@ from .geometry import mask_to_model
 from .postprocess import fill_holes, non_overlapping
 from .preprocess import InputError
 from .prompts import check_mask, slice_prompt
-from .sam2 import NO_OBJ_SCORE, FrameFeatures, SAM2Model
+from .sam2 import LOGIT_CLAMP, NO_OBJ_SCORE, FrameFeatures, SAM2Model
 from .tracking import (
     FrameOutput,
     PointPrompt,
@@ -470,7 +470,7 @@ class StackSession(SessionCommon):
             if earlier is None:
                 earlier = obj.cond.get(frame) or obj.non_cond.get(frame)
             if earlier is not None and earlier.pred_masks is not None:
-                prev = earlier.pred_masks.to(self.device).clamp(-32.0, 32.0)
+                prev = earlier.pred_masks.to(self.device).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
         _, heads = self._step(obj, frame, reverse, is_init=is_init, prompt=prompt, mask=mask, prev=prev)
         out = self._compact(heads.low_res_masks, heads.obj_ptr, heads.object_score_logits, None)
         (obj.pending_cond if is_cond else obj.pending_non_cond)[frame] = out
