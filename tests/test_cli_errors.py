@@ -175,7 +175,12 @@ def test_evaluate_stop_after_must_be_positive(capsys):
 
 
 def test_errors_share_one_base_the_command_line_catches():
-    from napari_sam2.model import CheckpointError, InputError, NapariSAM2Error, TrainingError
+    from napari_sam2.model import (
+        CheckpointError,
+        InputError,
+        NapariSAM2Error,
+        TrainingError,
+    )
 
     for kind in (CheckpointError, InputError, TrainingError):
         assert issubclass(kind, NapariSAM2Error)

@@ -40,8 +40,8 @@ from .checkpoint import atomic_save
 from .config import SAM2Config, get_config
 from .errors import TrainingError
 from .files import atomic_write_text
-from .metrics import dice_per_row
 from .frames import FrameSource
+from .metrics import dice_per_row
 from .preprocess import InputError
 from .sam2 import LOGIT_CLAMP, FrameFeatures, HeadsOutput, SAM2Model, build_model
 from .tracking import (
