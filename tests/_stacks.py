@@ -7,15 +7,17 @@ import pytest
 import torch
 
 
-def present_tiny_model(size: int = 128):
-    """2.1-tiny at ``size`` px with seeded random weights whose object score says "present"."""
+def present_tiny_model(size: int = 128, *, seed: int = 0, bias: float = 8.0, config: str = "sam2.1_hiera_tiny"):
+    """A model (2.1-tiny unless ``config`` names another) at ``size`` px with seeded random
+    weights whose object score says "present" (``bias`` 8; -8: "absent" unless the memory
+    pulls it up), so that random-weight masks are informative."""
     from napari_sam2.model import build_model, get_config
 
-    torch.manual_seed(0)
-    m = build_model(get_config("sam2.1_hiera_tiny").with_image_size(size))
+    torch.manual_seed(seed)
+    m = build_model(get_config(config).with_image_size(size))
     with torch.no_grad():
-        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
-    return m
+        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(bias)
+    return m.eval()
 
 
 def two_blob_volume(n=8, h=48, w=56, seed=0, dtype=np.uint16):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _stacks import present_tiny_model
 
 from napari_sam2.model import InputError, build_model, get_config
 from napari_sam2.model.ensemble import EnsembleSession
@@ -21,11 +22,7 @@ RANGE = (400, 2600)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = build_model(get_config("sam2.1_hiera_tiny").with_image_size(SIZE))
-    with torch.no_grad():  # objects "present" unless the memory says otherwise
-        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
-    return m
+    return present_tiny_model(SIZE)  # objects "present" unless the memory says otherwise
 
 
 def blobs(n=24, h=64, w=80, seed=0, count=10):
@@ -130,11 +127,7 @@ def test_batched_tracking_in_an_ensemble_equals_single_object_ensembles(model):
 def absent_model():
     """A model whose object score says "absent" unless the memory pulls it up: tracking
     from a click stops soon, as it does past an object's end in real data."""
-    torch.manual_seed(1)
-    m = build_model(get_config("sam2.1_hiera_tiny").with_image_size(SIZE))
-    with torch.no_grad():
-        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(-8.0)
-    return m
+    return present_tiny_model(SIZE, seed=1, bias=-8.0)
 
 
 def test_early_stop_leaves_exactly_the_expected_slices_and_can_be_filled(model):

@@ -147,17 +147,14 @@ def test_box_protocol_tracks_both_ways_and_keeps_the_largest_part():
     """With a random model whose object score says "present" on every slice, the protocol's
     result is the union of a forward run and a separate backward run from the box, worked
     out here with plain sessions, then its largest 3D part."""
-    import torch
+
+    from _stacks import present_tiny_model
 
     from napari_sam2.medical import box_protocol
-    from napari_sam2.model import build_model, get_config
     from napari_sam2.model.postprocess import largest_component
     from napari_sam2.model.video import StackSession
 
-    torch.manual_seed(1)
-    model = build_model(get_config("sam2.1_hiera_tiny").with_image_size(64))
-    with torch.no_grad():
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
+    model = present_tiny_model(64, seed=1)
     rng = np.random.default_rng(0)
     vol = rng.normal(0, 20, (7, 48, 48))
     vol[:, 14:30, 16:34] += 300  # a bright block through the volume (HU-like values)

@@ -351,16 +351,14 @@ def test_cuda_training_matches_cpu_validation(tmp_path):
 def test_training_forward_equals_a_session():
     """The differentiable training pass (evaluation mode, one central click on the middle
     slice, tracked both ways) gives the masks an inference session gives on the same clip."""
-    from napari_sam2.model import build_model
+    from _stacks import present_tiny_model
+
     from napari_sam2.model.evaluate import central_pixel
     from napari_sam2.model.frames import FrameSource
     from napari_sam2.model.train import run_clip
     from napari_sam2.model.video import StackSession
 
-    torch.manual_seed(0)
-    model = build_model(NANO.with_image_size(SIZE)).eval()
-    with torch.no_grad():
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
+    model = present_tiny_model(SIZE, config=NANO.name)
     cfg = TrainConfig(model=NANO.name, image_size=SIZE, clip_length=6, clips_per_step=1, objects_per_clip=1)
     stacks = [prepare_stack(*random_stack(s, kind="nuclei", size=160), SIZE) for s in (11, 12)]
     batch = sample_batch(stacks, cfg, np.random.default_rng(3), augment=False, prompt_frame=3, prompt_kind="click")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _stacks import present_tiny_model
 from scipy import ndimage
 
 from napari_sam2.model import InputError, build_model, get_config
@@ -17,11 +18,7 @@ SIZE = 128  # model input size for these tests: fast, same code paths
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = build_model(get_config("sam2.1_hiera_tiny").with_image_size(SIZE))
-    with torch.no_grad():  # make objects "present" so masks are informative
-        m.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(8.0)
-    return m
+    return present_tiny_model(SIZE)  # objects "present", so masks are informative
 
 
 def stack(n=12, h=48, w=64, seed=0, dtype=np.uint16):
