@@ -20,15 +20,21 @@ def present_tiny_model(size: int = 128, *, seed: int = 0, bias: float = 8.0, con
     return m.eval()
 
 
-def two_blob_volume(n=8, h=48, w=56, seed=0, dtype=np.uint16):
-    """Two bright discs drifting through ``n`` slices of noise."""
+def disc_stack(n, h, w, discs, *, seed=0, background=(1000.0, 60.0), dtype=np.uint16):
+    """Bright discs drifting through ``n`` slices of Gaussian noise (mean, sd ``background``).
+    discs: (row, column, rows per slice, columns per slice, squared radius, brightness)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
-    v = rng.normal(1000, 60, (n, h, w))
+    v = rng.normal(background[0], background[1], (n, h, w))
     for t in range(n):
-        v[t][(yy - 18 - t) ** 2 + (xx - 20) ** 2 < 80] += 1500
-        v[t][(yy - 30) ** 2 + (xx - 40 + t) ** 2 < 60] += 1200
+        for y, x, dy, dx, r2, amp in discs:
+            v[t][(yy - y - dy * t) ** 2 + (xx - x - dx * t) ** 2 < r2] += amp
     return v.astype(dtype)
+
+
+def two_blob_volume(n=8, h=48, w=56, seed=0, dtype=np.uint16):
+    """Two bright discs drifting through ``n`` slices of noise."""
+    return disc_stack(n, h, w, [(18, 20, 1, 0, 80, 1500), (30, 40, 0, -1, 60, 1200)], seed=seed, dtype=dtype)
 
 
 def paint_by_hand(labels, index, masks):

@@ -39,3 +39,21 @@ def bundled_nano(tmp_path, monkeypatch):
     path, digest = ckpt.export_bundled(weights)
     monkeypatch.setitem(ckpt.BUNDLED, NANO.name, (path.name, digest))
     return model, path, digest
+
+
+@pytest.fixture()
+def notices(monkeypatch):
+    """What the dock widget tells the user, by level ("error", "info", "warning"), instead
+    of napari notifications (the widget module is imported here, not for every test)."""
+    from napari_sam2.widgets import sam2_widget as sw
+
+    seen = {"error": [], "info": [], "warning": []}
+    for level in seen:
+        monkeypatch.setattr(sw, f"_notify_{level}", seen[level].append)
+    return seen
+
+
+@pytest.fixture()
+def errors(notices):
+    """The error messages the dock widget showed."""
+    return notices["error"]

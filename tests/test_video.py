@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _stacks import present_tiny_model
+from _stacks import disc_stack, present_tiny_model
 from scipy import ndimage
 
 from napari_sam2.model import InputError, build_model, get_config
@@ -22,12 +22,8 @@ def model():
 
 
 def stack(n=12, h=48, w=64, seed=0, dtype=np.uint16):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    out = rng.normal(500, 50, (n, h, w))
-    for t in range(n):
-        out[t][(yy - 20 - t) ** 2 + (xx - 30) ** 2 < 100] += 2000
-    return out.astype(dtype)
+    """One bright disc drifting down through ``n`` slices of noise."""
+    return disc_stack(n, h, w, [(20, 30, 1, 0, 100, 2000)], seed=seed, background=(500, 50), dtype=dtype)
 
 
 class CountingArray:

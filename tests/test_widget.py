@@ -31,14 +31,6 @@ def model():
     return present_tiny_model(SIZE)
 
 
-@pytest.fixture()
-def errors(monkeypatch):
-    seen = []
-    monkeypatch.setattr(sw, "_notify_error", seen.append)
-    monkeypatch.setattr(sw, "_notify_info", lambda m: None)
-    return seen
-
-
 volume = two_blob_volume
 
 

@@ -9,7 +9,6 @@ from _stacks import drain_qt_workers  # noqa: F401 (an autouse fixture)
 from test_auto_stack import appearing_blob_stack, one_to_one
 from test_widget_objects import start
 
-from napari_sam2.widgets import sam2_widget as sw
 
 TIMEOUT = 60_000
 
@@ -21,9 +20,7 @@ def nano():
     return load_model("sam2.1_nano_synthetic", None, device="cpu")
 
 
-def test_segment_all_buttons(make_napari_viewer, qtbot, nano, monkeypatch):
-    errors = []
-    monkeypatch.setattr(sw, "_notify_error", errors.append)
+def test_segment_all_buttons(make_napari_viewer, qtbot, nano, errors):
     image, truth = appearing_blob_stack(seed=6)
     viewer = make_napari_viewer()
     _layer, widget = start(viewer, qtbot, nano, image)

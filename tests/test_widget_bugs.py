@@ -28,15 +28,6 @@ def model():
     return present_tiny_model(SIZE)
 
 
-@pytest.fixture()
-def notices(monkeypatch):
-    seen = {"error": [], "info": [], "warning": []}
-    monkeypatch.setattr(sw, "_notify_error", seen["error"].append)
-    monkeypatch.setattr(sw, "_notify_info", seen["info"].append)
-    monkeypatch.setattr(sw, "_notify_warning", seen["warning"].append)
-    return seen
-
-
 volume = two_blob_volume
 
 

@@ -21,9 +21,7 @@ def nano():
     return load_model("sam2.1_nano_synthetic", None, device="cpu")
 
 
-def test_ct_window_and_nifti_labels(make_napari_viewer, qtbot, nano, tmp_path, monkeypatch):
-    errors = []
-    monkeypatch.setattr(sw, "_notify_error", errors.append)
+def test_ct_window_and_nifti_labels(make_napari_viewer, qtbot, nano, tmp_path, errors):
     image, _truth = appearing_blob_stack(n=6, start=3, seed=5)
     hu = image.astype(np.int16) // 10 - 100  # HU-like values, about -60..300
     affine = np.diag([0.6, 0.6, 2.5, 1.0])

@@ -25,15 +25,6 @@ def model():
     return present_tiny_model()
 
 
-@pytest.fixture()
-def errors(monkeypatch):
-    seen = []
-    monkeypatch.setattr(sw, "_notify_error", seen.append)
-    monkeypatch.setattr(sw, "_notify_info", lambda m: None)
-    monkeypatch.setattr(sw, "_notify_warning", lambda m: None)
-    return seen
-
-
 volume = two_blob_volume
 
 

@@ -10,7 +10,6 @@ from test_roi import LIMITS, by_hand_labels, wide_stack
 from test_widget_objects import start
 
 from napari_sam2.model.roi import Roi
-from napari_sam2.widgets import sam2_widget as sw
 
 TIMEOUT = 60_000
 
@@ -20,9 +19,7 @@ def model():
     return present_tiny_model(64)
 
 
-def test_work_in_this_view(make_napari_viewer, qtbot, model, monkeypatch):
-    errors = []
-    monkeypatch.setattr(sw, "_notify_error", errors.append)
+def test_work_in_this_view(make_napari_viewer, qtbot, model, errors):
     stack = wide_stack(n=5, seed=8)
     viewer = make_napari_viewer(show=True)  # drawn: the layer knows which pixels are on the canvas
     layer, widget = start(viewer, qtbot, model, stack)
