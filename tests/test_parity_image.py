@@ -136,7 +136,7 @@ def test_image_path_matches_reference(name, size, seed):
     # image embedding and high-res features as the predictor caches them
     pred.set_image(img)
     assert _maxdiff(pred.get_image_embedding(), ref_pred.feats[-1]) <= TOL
-    for a, b in zip(pred._features.high_res, ref_pred.feats[:-1]):
+    for a, b in zip(pred.image_features.high_res, ref_pred.feats[:-1]):
         assert _maxdiff(a, b) <= TOL
 
     # prompts: positive click, negative click, box, box + clicks, multimask on/off

@@ -238,7 +238,7 @@ def test_adapt_model_rescales_freezes_and_localises(tmp_path):
     att = model.memory_attention.layers[0].cross_attn_image
     q = att.q_proj.bias.detach().expand(64, -1)[None, None]  # 1 head, 8 x 8 queries
     k = att.k_proj.bias.detach().expand(64, -1)[None, None]
-    cos, sin = att._rope(64, q.device)
+    cos, sin = att.rope(64, q.device)
     logits = apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).transpose(-1, -2)
     assert torch.equal(logits[0, 0].argmax(-1), torch.arange(64))
 

@@ -111,6 +111,13 @@ class ImagePredictor:
         self._require_image()
         return self._features.image_embed
 
+    @property
+    def image_features(self) -> FrameFeatures:
+        """The cached features of the image: its embedding, the high-resolution levels the
+        mask decoder uses, and the positional encoding."""
+        self._require_image()
+        return self._features
+
     def _require_image(self) -> None:
         if self._features is None:
             raise InputError("no image is set: call set_image(image) before predict()")

@@ -126,7 +126,8 @@ class RoPEAttention(Attention):
         self.rope_k_repeat = rope_k_repeat
         self._rope_cache: dict = {}
 
-    def _rope(self, n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the rotary position angles of ``n`` queries on a square grid (cached)."""
         key = (n, device)
         if key not in self._rope_cache:
             side = int(math.isqrt(n))
@@ -143,7 +144,7 @@ class RoPEAttention(Attention):
         k = self._heads(self.k_proj(k))  # B nH Nk Ch
         v = self._heads(self.v_proj(v))
         nq = q.shape[-2]
-        cos, sin = self._rope(nq, q.device)
+        cos, sin = self.rope(nq, q.device)
         q = apply_rope(q, cos, sin)
         n_rope = k.shape[-2] - num_k_exclude_rope
         if n_rope > 0:

@@ -187,6 +187,10 @@ class FeatureCache:
     def __contains__(self, key: int) -> bool:
         return key in self._items
 
+    def __len__(self) -> int:
+        """How many slices' features are cached."""
+        return len(self._items)
+
     def clear(self) -> None:
         self._items.clear()
         self.nbytes = 0
@@ -316,7 +320,9 @@ class StackSession(SessionCommon):
     slice features. offload_state: keep memories on the CPU while computing on
     a GPU. fast: bfloat16 autocast. compute_features: ``frame -> FrameFeatures``
     called when a slice's features are not cached (default :meth:`encode_frame`;
-    an ensemble encodes all its orientations in one batch this way).
+    an ensemble encodes all its orientations in one batch this way). keep_memory: keep
+    every slice's memory instead of dropping what the model can no longer attend to (the
+    results are the same; for checks, at the cost of memory on long stacks).
     """
 
     def __init__(
@@ -332,6 +338,7 @@ class StackSession(SessionCommon):
         offload_state: bool = False,
         fast: bool = False,
         compute_features: Optional[Callable[[int], FrameFeatures]] = None,
+        keep_memory: bool = False,
     ) -> None:
         self.model = model.eval()
         self.frames = frames if isinstance(frames, FrameSource) else FrameSource(frames, intensity_range)
@@ -349,6 +356,7 @@ class StackSession(SessionCommon):
         self._maskmem_pos: Optional[torch.Tensor] = None
         # frames that must keep their memory: the attention window around prompts
         self._window = max(model.num_maskmem, model.config.max_obj_ptrs_in_encoder)
+        self.keep_memory = bool(keep_memory)
 
     # ------------------------------------------------------------------ basics
 
@@ -574,6 +582,8 @@ class StackSession(SessionCommon):
     def _prune(self, obj: ObjectState, frame: int, reverse: bool) -> None:
         """Drop memories the model can no longer attend to: behind the direction of travel by
         more than the attention window, and not within the window of a prompted slice."""
+        if self.keep_memory:
+            return
         w = self._window
         limit = frame + w if reverse else frame - w
         for t, out in obj.non_cond.items():
