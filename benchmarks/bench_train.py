@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from napari_sam2.model.config import NANO, get_config
-from napari_sam2.model.train import TrainConfig, Trainer, prepare_stack
 from napari_sam2.sample_data import random_stack
+from napari_sam2.training import TrainConfig, Trainer, prepare_stack
 
 
 def main() -> None:

@@ -66,8 +66,14 @@ from pathlib import Path
 import torch
 
 from napari_sam2.model.config import NANO
-from napari_sam2.model.train import TrainConfig, Trainer, format_event, prepare_stack, train
 from napari_sam2.sample_data import random_stack
+from napari_sam2.training import (
+    TrainConfig,
+    Trainer,
+    format_event,
+    prepare_stack,
+    train,
+)
 
 TRAIN_SEEDS_1 = range(1000, 1064)
 TRAIN_SEEDS_2 = range(1000, 1096)

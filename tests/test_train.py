@@ -9,7 +9,8 @@ import torch
 from napari_sam2.model.config import NANO
 from napari_sam2.model.preprocess import InputError
 from napari_sam2.model.sam2 import FrameFeatures
-from napari_sam2.model.train import (
+from napari_sam2.sample_data import random_stack
+from napari_sam2.training import (
     AnnotatedStack,
     TrainConfig,
     Trainer,
@@ -24,7 +25,6 @@ from napari_sam2.model.train import (
     sample_batch,
     split_stacks,
 )
-from napari_sam2.sample_data import random_stack
 
 SIZE = 128  # the nano architecture at 128 px keeps CI steps short
 
@@ -355,8 +355,8 @@ def test_training_forward_equals_a_session():
 
     from napari_sam2.model.evaluate import central_pixel
     from napari_sam2.model.frames import FrameSource
-    from napari_sam2.model.train import run_clip
     from napari_sam2.model.video import StackSession
+    from napari_sam2.training import run_clip
 
     model = present_tiny_model(SIZE, config=NANO.name)
     cfg = TrainConfig(model=NANO.name, image_size=SIZE, clip_length=6, clips_per_step=1, objects_per_clip=1)
@@ -381,7 +381,7 @@ def test_absent_mask_weight_adds_an_empty_mask_loss_where_the_object_is_absent()
     import math
 
     from napari_sam2.model.sam2 import HeadsOutput
-    from napari_sam2.model.train import TrainConfig, heads_loss
+    from napari_sam2.training import TrainConfig, heads_loss
 
     s = 4
     masks = torch.full((2, 2, s, s), -3.0)

@@ -803,7 +803,7 @@ def _read_pair(image_path: Path, label_path: Path):
 
 
 def _read_pairs(pairs, size: int) -> list:
-    from .model.train import prepare_stack
+    from .training import prepare_stack
 
     stacks = []
     for image_path, label_path in pairs:
@@ -815,7 +815,7 @@ def _read_pairs(pairs, size: int) -> list:
 def _train(args) -> int:
     from .model.config import get_config
     from .model.devices import pick_device
-    from .model.train import TrainConfig, TrainingError, prepare_stack, train
+    from .training import TrainConfig, TrainingError, prepare_stack, train
     from .sample_data import random_stack
 
     if not args.pair and args.synthetic <= 0:

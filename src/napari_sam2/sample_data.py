@@ -4,7 +4,7 @@
 - :func:`cells_2d_time`: a time series of moving, slowly deforming cells;
 - :func:`random_stack`: either of the two with randomly drawn size, shape,
   brightness, density, noise and background (the training data of the bundled
-  nano model, see ``napari_sam2.model.train``).
+  nano model, see ``napari_sam2.training``).
 
 All are 16-bit with noise, uneven brightness and texture. The defaults of the
 first two are the napari sample data.
