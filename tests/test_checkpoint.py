@@ -310,3 +310,29 @@ def test_file_put_in_the_cache_by_hand_is_checked_once(tmp_path, offline):
     path.write_bytes(b"x" * stat.st_size)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert fetch_checkpoint("https://example.invalid/m.pt", sha256=digest, folder=cache) == path
+
+
+def test_model_profiles_give_the_defaults(monkeypatch):
+    """A model's profile decides the orientations the widget and CLI start with and whether
+    the annotator keeps corrections as conditioning slices."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from napari_sam2.controller import Annotator
+    from napari_sam2.model.config import MODELS, NANO, ModelProfile
+    from napari_sam2.model.ensemble import default_orientations
+
+    assert default_orientations(NANO.name) == 8 and default_orientations("sam2.1_hiera_tiny") == 1
+    assert default_orientations("not a model") == 1
+    cfg = replace(get_config("sam2.1_hiera_tiny"), name="my_profiled",
+                  profile=ModelProfile(orientations=4, corrections_as_conditioning=False))
+    monkeypatch.setitem(MODELS, "my_profiled", cfg)
+    assert default_orientations("my_profiled") == 4
+    # the annotator's sessions follow the profile unless told otherwise
+    model = build_model(cfg.with_image_size(64))
+    vol = np.random.default_rng(0).normal(500, 50, (4, 40, 40)).astype(np.float32)
+    ann = Annotator(model, vol, axis=0, displayed=(1, 2), intensity_range=(0, 1000))
+    assert ann.segmenter.session_kwargs["corrections_as_conditioning"] is False
+    ann2 = Annotator(model, vol, axis=0, displayed=(1, 2), intensity_range=(0, 1000), corrections_as_conditioning=True)
+    assert ann2.segmenter.session_kwargs["corrections_as_conditioning"] is True

@@ -134,7 +134,9 @@ class Annotator:
         roi=None,
         **segmenter_kwargs,
     ) -> None:
-        segmenter_kwargs.setdefault("corrections_as_conditioning", True)
+        profile = getattr(getattr(model, "config", None), "profile", None)  # how the model is best used
+        segmenter_kwargs.setdefault("corrections_as_conditioning",
+                                    True if profile is None else profile.corrections_as_conditioning)
         self.segmenter = StackSegmenter(model, image, rgb=rgb, axis=axis, displayed=displayed, **segmenter_kwargs)
         shape = tuple(image.shape[:-1] if rgb else image.shape)
         if labels is None:

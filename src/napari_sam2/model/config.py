@@ -19,6 +19,7 @@ __all__ = [
     "MEDSAM2",
     "MODELS",
     "NANO",
+    "ModelProfile",
     "ORIENTATION_CHOICES",
     "HieraConfig",
     "SAM2Config",
@@ -48,6 +49,22 @@ class HieraConfig:
         """Output channels of each stage, lowest resolution first (neck order)."""
         dims = [int(self.embed_dim * self.dim_mul**i) for i in range(len(self.stages))]
         return tuple(reversed(dims))
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """How a model is best used, beside its architecture: what the widget, the command line
+    and the annotator start with for it (each can still be changed by the user).
+
+    orientations: track in this many orientations and average (1: plain SAM 2);
+    corrections_as_conditioning: a correction on a tracked slice becomes a conditioning
+    slice, kept when propagating again (the reference keeps it only in memory);
+    percentiles: the intensity percentiles mapped to black..white when no contrast is given.
+    """
+
+    orientations: int = 1
+    corrections_as_conditioning: bool = True
+    percentiles: Tuple[float, float] = (0.5, 99.5)
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,8 @@ class SAM2Config:
     add_tpos_enc_to_obj_ptrs: bool = False
     proj_tpos_enc_in_obj_ptrs: bool = False
     use_signed_tpos_enc_to_obj_ptrs: bool = False
+    # how it is used, not what it is
+    profile: ModelProfile = ModelProfile()
 
     @property
     def embedding_size(self) -> int:
@@ -181,6 +200,9 @@ NANO = register(
             memory_attention_layers=2,
             memory_attention_ffn_dim=256,
             fuser_layers=1,
+            # small enough that eight trackers cost ~1.2 s per 32 slices on two CPU cores, and
+            # 0.02-0.03 better in 3D Dice (docs/benchmarks.md)
+            profile=ModelProfile(orientations=8),
         ),
         "sam2.1_nano_synthetic",
     )

@@ -76,12 +76,12 @@ def open_session(model: SAM2Model, frames, *, orientations: int = 1, roi=None, *
 
 
 def default_orientations(model_name: Optional[str]) -> int:
-    """What the widget starts with: 8 for the bundled nano model (small enough that eight
-    trackers cost ~1.2 s per 32 slices on two CPU cores, and 0.02-0.03 better in 3D Dice,
-    docs/benchmarks.md), 1 (plain SAM 2) for Meta's models."""
-    from .config import NANO
+    """What the widget and the command line start with for a model: its profile's (8 for the
+    bundled nano model, 1 (plain SAM 2) for Meta's models); 1 for an unknown name."""
+    from .config import MODELS
 
-    return 8 if model_name == NANO.name else 1
+    cfg = MODELS.get(model_name) if model_name else None
+    return 1 if cfg is None else cfg.profile.orientations
 
 
 # logits are clamped (to LOGIT_CLAMP) before averaging, so one confident member cannot
