@@ -78,6 +78,14 @@ class MemoryEncoder(nn.Module):
         self.out_proj = nn.Conv2d(in_dim, out_dim, kernel_size=1) if out_dim != in_dim else nn.Identity()
         self.position_encoding = SinePositionEncoding(out_dim)
 
+    @torch.no_grad()
+    def use_mask_only(self) -> None:
+        """Make memories from the mask alone: the frame features' projection is zeroed and
+        frozen (a training recipe for models whose image features do not yet carry identity)."""
+        for prm in self.pix_feat_proj.parameters():
+            prm.zero_()
+            prm.requires_grad_(False)
+
     def forward(self, pix_feat: torch.Tensor, masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         masks = self.mask_downsampler(masks)
         x = self.pix_feat_proj(pix_feat.to(masks.device)) + masks
@@ -134,6 +142,21 @@ class MemoryAttention(nn.Module):
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
+
+    @torch.no_grad()
+    def bias_towards_same_place(self, strength: float) -> None:
+        """Start the cross-attention local: query and key biases on the fastest rotary pairs
+        of each axis make a place attend most to the memory of the same place (a training
+        recipe for memory attention learned from scratch)."""
+        for layer in self.layers:
+            att = layer.cross_attn_image
+            head_dim = att.internal_dim // att.num_heads
+            bias = torch.zeros(att.num_heads, head_dim // 2, 2)
+            fast = min(8, head_dim // 4)  # rotary pairs: x frequencies first, then y, fastest first
+            bias[:, :fast, 0] = strength
+            bias[:, head_dim // 4: head_dim // 4 + fast, 0] = strength
+            att.q_proj.bias.copy_(bias.flatten())
+            att.k_proj.bias.copy_(bias.flatten())
 
     def forward(self, curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens: int = 0) -> torch.Tensor:
         x = curr + 0.1 * curr_pos

@@ -114,6 +114,15 @@ class SAM2Model(nn.Module):
 
     # ------------------------------------------------------------------ image path
 
+    @torch.no_grad()
+    def scale_image_embedding(self, scale: float) -> None:
+        """Multiply the image embedding (the coarsest level, the sum of the neck's two
+        coarsest lateral convolutions) and the no-memory embedding added to it by ``scale``."""
+        for conv in list(self.image_encoder.neck.convs)[:2]:
+            for prm in conv.parameters():
+                prm.mul_(scale)
+        self.no_mem_embed.mul_(scale)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """B 3 S S images in [0, 1] -> ImageNet-normalised model input."""
         return (images - self.pixel_mean) / self.pixel_std

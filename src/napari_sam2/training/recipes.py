@@ -65,32 +65,15 @@ def adapt_model(model: SAM2Model, cfg: TrainConfig, stacks: Sequence[AnnotatedSt
         frames = frames.to(model.device)
         with torch.no_grad():
             norm = float(model.frame_features(model.normalize(frames)).image_embed.norm(dim=1).mean())
-            scale = cfg.embed_norm / max(norm, 1e-12)
-            # the coarsest level is the sum of the two coarsest lateral convolutions (top-down)
-            for conv in list(model.image_encoder.neck.convs)[:2]:
-                for prm in conv.parameters():
-                    prm.mul_(scale)
-            model.no_mem_embed.mul_(scale)
+        model.scale_image_embedding(cfg.embed_norm / max(norm, 1e-12))
     if cfg.local_memory_init > 0:
-        for layer in model.memory_attention.layers:
-            att = layer.cross_attn_image
-            head_dim = att.internal_dim // att.num_heads
-            bias = torch.zeros(att.num_heads, head_dim // 2, 2)
-            fast = min(8, head_dim // 4)  # rotary pairs: x frequencies first, then y, fastest first
-            bias[:, :fast, 0] = cfg.local_memory_init
-            bias[:, head_dim // 4: head_dim // 4 + fast, 0] = cfg.local_memory_init
-            with torch.no_grad():
-                att.q_proj.bias.copy_(bias.flatten())
-                att.k_proj.bias.copy_(bias.flatten())
+        model.memory_attention.bias_towards_same_place(cfg.local_memory_init)
     _require_prefixes(model, cfg.freeze, "freeze")
     for name, prm in model.named_parameters():
         if name.startswith(tuple(cfg.freeze)):
             prm.requires_grad_(False)
     if cfg.mask_only_memory:
-        for prm in model.memory_encoder.pix_feat_proj.parameters():
-            with torch.no_grad():
-                prm.zero_()
-            prm.requires_grad_(False)
+        model.memory_encoder.use_mask_only()
     return model
 
 
