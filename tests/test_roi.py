@@ -63,7 +63,7 @@ def test_roi_session_equals_a_session_on_the_cropped_array(model, orientations):
     want_run = list(by_hand.propagate("both"))
     assert [(z, sorted(m)) for z, m in got_run] == [(z, sorted(m)) for z, m in want_run]
     assert {z for z, _ in got_run} == set(range(len(stack)))
-    for (z, got_masks), (_, want_masks) in zip(got_run, want_run):
+    for (_z, got_masks), (_, want_masks) in zip(got_run, want_run):
         for k, want_mask in want_masks.items():
             np.testing.assert_array_equal(got_masks[k], pasted(want_mask, top, left, stack.shape[1:]))
             assert not got_masks[k][:top].any() and not got_masks[k][:, right:].any()

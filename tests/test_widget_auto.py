@@ -9,7 +9,6 @@ from _stacks import drain_qt_workers  # noqa: F401 (an autouse fixture)
 from test_auto_stack import appearing_blob_stack, one_to_one
 from test_widget_objects import start
 
-
 TIMEOUT = 60_000
 
 

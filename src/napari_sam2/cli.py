@@ -815,8 +815,8 @@ def _read_pairs(pairs, size: int) -> list:
 def _train(args) -> int:
     from .model.config import get_config
     from .model.devices import pick_device
-    from .training import TrainConfig, TrainingError, prepare_stack, train
     from .sample_data import random_stack
+    from .training import TrainConfig, TrainingError, prepare_stack, train
 
     if not args.pair and args.synthetic <= 0:
         raise TrainingError("no data: give --pair IMAGE LABELS (repeatable) and/or --synthetic N")
