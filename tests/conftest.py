@@ -57,3 +57,20 @@ def notices(monkeypatch):
 def errors(notices):
     """The error messages the dock widget showed."""
     return notices["error"]
+
+
+@pytest.fixture(scope="module")
+def nano():
+    """The bundled nano model (its real weights), loaded once per test module."""
+    from napari_sam2.model.checkpoint import load_model
+
+    return load_model("sam2.1_nano_synthetic", None, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """2.1-tiny at 128 px with seeded random weights whose object score says "present"
+    (tests/_stacks.present_tiny_model); modules needing another size define their own."""
+    from _stacks import present_tiny_model
+
+    return present_tiny_model(128)

@@ -47,13 +47,6 @@ def one_to_one(pred, gt):
     return out
 
 
-@pytest.fixture(scope="module")
-def nano():
-    from napari_sam2.model.checkpoint import load_model
-
-    return load_model("sam2.1_nano_synthetic", None, device="cpu")
-
-
 def appearing_blob_stack(n=16, hw=(128, 128), start=11, seed=0, dtype=np.uint16):
     """Blob 1 drifts through every slice; blob 2 exists only from slice ``start`` on."""
     images, labels = [], []

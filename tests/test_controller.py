@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from _stacks import paint_by_hand, present_tiny_model, two_blob_volume
+from _stacks import paint_by_hand, two_blob_volume
 
 from napari_sam2.controller import (
     Annotator,
@@ -26,12 +26,6 @@ from napari_sam2.jobs import SyncExecutor
 from napari_sam2.model.ensemble import open_session
 from napari_sam2.model.frames import FrameSource
 from napari_sam2.model.preprocess import InputError
-
-
-@pytest.fixture(scope="module")
-def model():
-    return present_tiny_model()
-
 
 volume = two_blob_volume
 

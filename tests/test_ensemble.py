@@ -9,7 +9,12 @@ import torch
 
 from napari_sam2.model import InputError, load_model
 from napari_sam2.model.config import NANO
-from napari_sam2.model.ensemble import ORIENTATIONS, EnsembleSession, OrientedFrames, orient_xy
+from napari_sam2.model.ensemble import (
+    ORIENTATIONS,
+    EnsembleSession,
+    OrientedFrames,
+    orient_xy,
+)
 from napari_sam2.model.frames import FrameSource
 from napari_sam2.model.video import StackSession
 from napari_sam2.sample_data import nuclei_3d

@@ -20,11 +20,6 @@ SIZE = 128
 RANGE = (400, 2600)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return present_tiny_model(SIZE)  # objects "present" unless the memory says otherwise
-
-
 def blobs(n=24, h=64, w=80, seed=0, count=10):
     """A stack of ``count`` drifting bright discs of different sizes on noise."""
     rng = np.random.default_rng(seed)

@@ -12,13 +12,6 @@ from napari_sam2.model.metrics import dice
 from napari_sam2.model.movie import segment_movie
 
 
-@pytest.fixture(scope="module")
-def nano():
-    from napari_sam2.model.checkpoint import load_model
-
-    return load_model("sam2.1_nano_synthetic", None, device="cpu")
-
-
 def clicks_at_start(truth):
     """One positive click per nucleus at t = 0, at the centre of its largest slice (by hand)."""
     points = {}

@@ -15,13 +15,6 @@ from napari_sam2.model.roi import Roi
 from napari_sam2.model.tiles import Piece, merge_pieces, tile_regions
 
 
-@pytest.fixture(scope="module")
-def nano():
-    from napari_sam2.model.checkpoint import load_model
-
-    return load_model("sam2.1_nano_synthetic", None, device="cpu")
-
-
 def test_tiles_cover_the_slice_with_the_overlap_asked():
     tiles = tile_regions((352, 200), 128, 16)
     # rows: 3 tiles at 0, 112, 224 (exactly 16 shared); columns: 2 at 0 and 72 (56 shared)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _stacks import disc_stack, present_tiny_model
+from _stacks import disc_stack
 from scipy import ndimage
 
 from napari_sam2.model import InputError, build_model, get_config
@@ -14,11 +14,6 @@ from napari_sam2.model.postprocess import fill_holes, non_overlapping, remove_is
 from napari_sam2.model.video import StackSession
 
 SIZE = 128  # model input size for these tests: fast, same code paths
-
-
-@pytest.fixture(scope="module")
-def model():
-    return present_tiny_model(SIZE)  # objects "present", so masks are informative
 
 
 def stack(n=12, h=48, w=64, seed=0, dtype=np.uint16):

@@ -14,7 +14,6 @@ from _stacks import (  # noqa: F401 (drain_qt_workers: an autouse fixture)
     click,
     drain_qt_workers,
     paint_by_hand,
-    present_tiny_model,
     two_blob_volume,
 )
 
@@ -24,11 +23,6 @@ from napari_sam2.widgets import sam2_widget as sw
 
 SIZE = 128
 TIMEOUT = 60_000
-
-
-@pytest.fixture(scope="module")
-def model():
-    return present_tiny_model(SIZE)
 
 
 volume = two_blob_volume

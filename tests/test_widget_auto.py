@@ -4,19 +4,11 @@ widget methods; expectations are the generated truth and copies taken before a c
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from _stacks import drain_qt_workers  # noqa: F401 (an autouse fixture)
 from test_auto_stack import appearing_blob_stack, one_to_one
 from test_widget_objects import start
 
 TIMEOUT = 60_000
-
-
-@pytest.fixture(scope="module")
-def nano():
-    from napari_sam2.model.checkpoint import load_model
-
-    return load_model("sam2.1_nano_synthetic", None, device="cpu")
 
 
 def test_segment_all_buttons(make_napari_viewer, qtbot, nano, errors):

@@ -23,11 +23,6 @@ SIZE = 128
 TIMEOUT = 60_000
 
 
-@pytest.fixture(scope="module")
-def model():
-    return present_tiny_model(SIZE)
-
-
 volume = two_blob_volume
 
 

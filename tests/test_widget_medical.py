@@ -14,13 +14,6 @@ from napari_sam2.widgets import sam2_widget as sw
 TIMEOUT = 60_000
 
 
-@pytest.fixture(scope="module")
-def nano():
-    from napari_sam2.model.checkpoint import load_model
-
-    return load_model("sam2.1_nano_synthetic", None, device="cpu")
-
-
 def test_ct_window_and_nifti_labels(make_napari_viewer, qtbot, nano, tmp_path, errors):
     image, _truth = appearing_blob_stack(n=6, start=3, seed=5)
     hu = image.astype(np.int16) // 10 - 100  # HU-like values, about -60..300

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from _stacks import click, drain_qt_workers, present_tiny_model, two_blob_volume  # noqa: F401 (drain_qt_workers: an autouse fixture)
 
 from napari_sam2.model.ensemble import open_session
@@ -18,11 +17,6 @@ from napari_sam2.model.frames import FrameSource
 from napari_sam2.widgets import sam2_widget as sw
 
 TIMEOUT = 60_000
-
-
-@pytest.fixture(scope="module")
-def model():
-    return present_tiny_model()
 
 
 volume = two_blob_volume
