@@ -82,7 +82,7 @@ def crop_run(model, movie, rng, truth, points, side=256):
     top, left = (h - side) // 2, (w - side) // 2
     inside = {}
     for i, (x, y) in points.items():
-        ys, xs = np.nonzero(truth[:, top:top + side, left:left + side].max(0) == i)
+        ys, _xs = np.nonzero(truth[:, top:top + side, left:left + side].max(0) == i)
         whole_area = (truth == i).sum()
         if ys.size and (truth[:, top:top + side, left:left + side] == i).sum() == whole_area:
             inside[i] = (x - left, y - top)

@@ -48,8 +48,8 @@ def notices(monkeypatch):
     from napari_sam2.widgets import sam2_widget as sw
 
     seen = {"error": [], "info": [], "warning": []}
-    for level in seen:
-        monkeypatch.setattr(sw, f"_notify_{level}", seen[level].append)
+    for level, messages in seen.items():
+        monkeypatch.setattr(sw, f"_notify_{level}", messages.append)
     return seen
 
 

@@ -192,8 +192,8 @@ def test_errors_share_one_base_the_command_line_catches():
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     import torch
 
+    from napari_sam2.files import atomic_write, atomic_write_text
     from napari_sam2.model.checkpoint import atomic_save
-    from napari_sam2.model.files import atomic_write, atomic_write_text
 
     target = atomic_write_text(tmp_path / "record.json", "old")
 

@@ -92,7 +92,7 @@ def test_click_and_propagate_clicks_the_middle_of_each_object():
     yy, xx = np.mgrid[:64, :64]
     for z in range(2, 7):  # object 1 on slices 2..6: middle slice 4
         labels[z][(yy - 20) ** 2 + (xx - 30) ** 2 <= 36] = 1
-    for z in range(0, 4):  # object 2 on slices 0..3: middle (1.5) -> slice 1 or 2
+    for z in range(4):  # object 2 on slices 0..3: middle (1.5) -> slice 1 or 2
         labels[z][(yy - 45) ** 2 + (xx - 12) ** 2 <= 25] = 2
     image = (labels > 0).astype(np.float32) * 1000 + 100
     torch.manual_seed(0)

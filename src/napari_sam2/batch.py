@@ -263,9 +263,13 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
         if not Path(item.source).exists():
             raise InputError(f"no seeds file {item.source}")
         seeds = np.asarray(read_image(item.source))
-        if seeds.shape == image.shape[1:3]:
-            seeds = np.stack([seeds if z == image.shape[0] // 2 else np.zeros_like(seeds) for z in range(len(image))])
-        prompts = [(obj, z, {"mask": seeds[z] == obj}) for obj, z in seed_slices(seeds, image.shape[:3])]
+        from .model.video import largest_slices
+
+        if seeds.shape == image.shape[1:3]:  # a 2D label image seeds the middle slice
+            mid = image.shape[0] // 2
+            prompts = [(obj, mid, {"seeds": seeds}) for obj in largest_slices(seeds[None], (1, *seeds.shape))]
+        else:  # each object on the slice where its seed is largest (its mask is made when given)
+            prompts = [(obj, z, {"seeds": seeds[z]}) for obj, z in largest_slices(seeds, image.shape[:3]).items()]
     labels = np.zeros(image.shape[:3], np.uint32)
     for session in _sessions(model, frames, prompts, settings, item):
         for z, masks in session.propagate("both", stop_after_absent=settings.stop_after or None):
@@ -273,13 +277,6 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
             if on_slice is not None:
                 on_slice(z)
     return labels, {} if settings.roi is None else {"roi": settings.roi}
-
-
-def seed_slices(seeds: np.ndarray, shape: Tuple[int, ...]) -> List[Tuple[int, int]]:
-    """(object, slice where its seed is largest) for each nonzero label of a seed volume."""
-    from .model.video import largest_slices
-
-    return sorted(largest_slices(seeds, shape).items())
 
 
 def _sessions(model, frames, prompts, settings: BatchSettings, item: BatchItem):
@@ -290,8 +287,8 @@ def _sessions(model, frames, prompts, settings: BatchSettings, item: BatchItem):
     from .store import open_store, store_path
 
     def give(session, obj, z, p):
-        if "mask" in p:
-            session.add_mask(z, obj, p["mask"])
+        if "seeds" in p:
+            session.add_mask(z, obj, p["seeds"] == obj)
         else:
             session.add_points(z, obj, points=p["points"], labels=p["labels"], clear=False)
 
@@ -310,7 +307,7 @@ def _sessions(model, frames, prompts, settings: BatchSettings, item: BatchItem):
         by_object.setdefault(obj, []).append((z, p))
     for obj, items in sorted(by_object.items()):  # each on a region around its clicks, or its seed mask
         xy = [q for _z, p in items if "points" in p for q in np.asarray(p["points"]).reshape(-1, 2)]
-        mask = next((p["mask"] for _z, p in items if "mask" in p), None)
+        mask = next((p["seeds"] == obj for _z, p in items if "seeds" in p), None)
         roi = region_around(frames.shape, model.image_size, xy=xy or None, mask=mask)
         session = open_session(model, frames, roi=roi, fast=settings.fast)
         for z, p in items:
@@ -362,8 +359,8 @@ def process(item: BatchItem, settings: BatchSettings, *, model=None,
     """Segment one stack and write its label TIFF, then its provenance JSON (both atomically).
     A stack whose JSON exists is skipped; errors become a "failed" result, never an exception."""
     from . import __version__
+    from .files import atomic_write_text
     from .io import read_image, write_labels, write_ome_zarr_labels
-    from .model.files import atomic_write_text
     from .store import model_identity
 
     tif, meta = result_paths(item.output)

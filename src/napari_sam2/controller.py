@@ -622,7 +622,9 @@ class Annotator:
         propagation re-runs. Pixels already labelled (the user's or objects') count as taken.
 
         whole_stack=False: proposals on the slice at ``position`` only (propagate them
-        afterwards); True: proposals on that slice and every ``every`` slices, all tracked
+        afterwards), within the chosen region if there is one; on a slice more than 1.5 times
+        the model's input without one, tile by tile (:mod:`~napari_sam2.model.tiles`), each
+        object then tracked on the tile that holds it; True: proposals on that slice and every ``every`` slices, all tracked
         both ways (stopped after ``stop_after`` absent slices unless ``stop_after_absent``
         is given); the objects at this position not yet propagated are tracked first, so
         that proposals do not duplicate them. The key slice is always the one at
@@ -692,6 +694,9 @@ class Annotator:
 
         versions = {i: self.objects[i].version for i in waiting}  # what the run propagates
         holder: Dict[str, Job] = {}
+
+        def cancelled() -> bool:
+            return holder["job"].cancelled
         rois: Dict[int, Optional[Roi]] = {}  # objects found on tiles: each its own region
 
         tile = None if whole_stack or region is not None else choose_tile("auto", seg.slice_shape, seg.model.image_size)
@@ -704,7 +709,6 @@ class Annotator:
             image = np.asarray(seg.view(key)[frame])
             tiles = tile_regions(seg.slice_shape, tile, default_overlap(tile))
             pieces: list = []
-            cancelled = lambda: holder["job"].cancelled  # noqa: E731
             for k, found in tile_pieces(generator, image, seg.intensity_range, stack_params, tiles, cancelled):
                 pieces += found
                 yield AutoEvent("found", frame, {}, k + 1, len(tiles) + 1)
@@ -735,12 +739,12 @@ class Annotator:
                 for f, masks in seg.propagate(key, "both", obj_ids=elsewhere, view=True,
                                               stop_after_absent=stack_params.stop_after_absent):
                     yield AutoEvent("tracked", f, masks, 0, 1)
-                    if holder["job"].cancelled:
+                    if cancelled():
                         return
             # the engine lock is taken per slice and per prompt, not while proposals are searched
             yield from auto_segment_session(session, generator, params=stack_params, next_id=next_id,
                                             occupied=occupied, track=whole_stack, existing=waiting, lock=seg.lock,
-                                            should_stop=lambda: holder["job"].cancelled)
+                                            should_stop=cancelled)
 
         def on_item(event):
             if on_progress is not None:
@@ -1160,7 +1164,7 @@ def decode_mask(rle: dict) -> np.ndarray:
 
 def save_session(path: Union[str, Path], record: dict) -> Path:
     """Write a session record as JSON, atomically."""
-    from .model.files import atomic_write_text
+    from .files import atomic_write_text
 
     return atomic_write_text(path, json.dumps(record, indent=1), what="the session")
 

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .model.files import atomic_write  # noqa: F401 (io's writers use it; importable from here too)
+from .files import atomic_write
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 #: key under which the axes and units of an image live in a napari layer's ``metadata``
@@ -439,31 +439,31 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
 
 def read_labels(path: Union[str, Path], axes: Optional[str], shape: Sequence[int]) -> np.ndarray:
     """A label TIFF written by :func:`write_labels` back in the layer's axis order ``axes``
-    (write_labels stores axes in T, Z, C, Y, X order and readers drop axes of size 1).
-    Raises InputError when it does not fit ``shape``."""
+    (write_labels stores axes in T, Z, C, Y, X order and readers drop axes of size 1), or
+    NIfTI labels (Z-Y-X, as the viewer showed them). Raises InputError when it does not
+    fit ``shape``."""
     from .model.preprocess import InputError
 
-    if str(path).lower().endswith((".nii", ".nii.gz")):  # saved as NIfTI: Z-Y-X as the viewer showed it
+    shape = tuple(int(v) for v in shape)
+    nifti = str(path).lower().endswith((".nii", ".nii.gz"))
+    if nifti:  # already in the order the viewer showed
         from .medical import read_nifti
 
-        data = np.asarray(read_nifti(path).data)
-        if data.shape != tuple(int(v) for v in shape):
-            raise InputError(f"the labels file {path} holds an array of shape {data.shape}; the session's image "
-                             f"has shape {tuple(shape)}")
-        return data
-    try:
-        f = read_image_file(path)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets one plain message
-        raise InputError(f"could not read the labels file {path}: {err}") from None
-    data, have = np.asarray(f.data), f.axes
-    shape = tuple(int(v) for v in shape)
-    if axes and len(axes) == len(shape) and set(have) <= set(axes):
+        data, have = np.asarray(read_nifti(path).data), "ZYX"
+    else:
+        try:
+            f = read_image_file(path)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets one plain message
+            raise InputError(f"could not read the labels file {path}: {err}") from None
+        data, have = np.asarray(f.data), f.axes
+    found = have
+    if not nifti and axes and len(axes) == len(shape) and set(have) <= set(axes):
         for a in axes:  # axes of size 1 the reader dropped
             if a not in have:
                 data, have = data[np.newaxis], a + have
         data = np.transpose(data, [have.index(a) for a in axes])
     if data.shape != shape:
-        raise InputError(f"the labels file {path} holds an array of shape {data.shape} ({f.axes}); the session's "
+        raise InputError(f"the labels file {path} holds an array of shape {data.shape} ({found}); the session's "
                          f"image has shape {shape}")
     return data
 

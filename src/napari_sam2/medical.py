@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .model.files import atomic_write
+from .files import atomic_write
 from .model.preprocess import InputError, percentile_range
 
 __all__ = ["CT_WINDOWS", "NiftiVolume", "box_protocol", "ct_window", "is_nifti", "mr_window", "napari_get_reader",

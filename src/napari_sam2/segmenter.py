@@ -162,11 +162,6 @@ class StackSegmenter:
         held = self._holder(position, obj_id)
         return held[1] if held is not None else self.session(position, roi)
 
-    def region_of(self, position: Sequence[int], obj_id: int) -> Optional[Roi]:
-        """The region the object ``obj_id`` is tracked on at ``position`` (None: whole slices or unknown)."""
-        held = self._holder(position, obj_id)
-        return None if held is None else held[0]
-
     def _store_features(self, key: tuple, frames):
         """The store's features for a new session, when it matches (else None, with a message)."""
         if self.feature_store is None:
@@ -413,21 +408,22 @@ class StackSegmenter:
         if self.axis is None:
             raise InputError("this image is 2D: there is no axis to propagate along")
         ids = options.pop("obj_ids", None)
+        wanted = None if ids is None else [int(v) for v in ids]
         lo, hi = (-np.inf, np.inf) if frame_range is None else frame_range
         with self.lock:
             # each session (the whole slices, each region) tracks its own objects, one after
             # the other; one with no object prompted inside the range is left out
             runs = []
             for _roi, s in self._sessions_at(position):
-                mine = [i for i in s.obj_ids if ids is None or i in {int(v) for v in ids}]
+                mine = [i for i in s.obj_ids if wanted is None or i in wanted]
                 if any(lo <= f <= hi for i in mine for f in s.objects[i].prompted_frames):
                     runs.append((s, mine))
             if not runs:  # the session says what is missing
-                runs = [(self.session(position), None if ids is None else [int(v) for v in ids])]
+                runs = [(self.session(position), wanted)]
         for s, mine in runs:
             with self.lock:
                 run = s.propagate(direction, frame_range=frame_range, **options,
-                                  **({} if ids is None else {"obj_ids": mine}))
+                                  **({} if wanted is None else {"obj_ids": mine}))
             while True:
                 with self.lock:  # the first step checks and commits the prompts
                     item = next(run, None)

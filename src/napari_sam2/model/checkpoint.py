@@ -24,9 +24,9 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ..files import atomic_write, atomic_write_text
 from .config import DEFAULT_MODEL, SAM2Config, get_config
 from .errors import CheckpointError
-from .files import atomic_write, atomic_write_text
 from .sam2 import SAM2Model, build_model
 
 __all__ = [

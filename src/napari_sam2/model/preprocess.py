@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError  # noqa: F401 (defined with the other errors; imported from here too)
+from .errors import InputError  # defined with the other errors; imported from here too
 
 
 def check_image(image, name: str = "image") -> np.ndarray:

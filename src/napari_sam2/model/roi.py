@@ -262,7 +262,6 @@ class RoiSession(SessionCommon):
         self.inner = open_session(model, self.region_frames, orientations=orientations, **session_kwargs)
         self.num_frames = self.frames.num_frames
         self.height, self.width = self.frames.shape
-        self.non_overlap = getattr(self.inner, "non_overlap", False)
 
     # what the inner session holds
     @property

@@ -12,9 +12,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 
+from ..files import atomic_write_text
 from ..model.checkpoint import atomic_save
 from ..model.errors import TrainingError
-from ..model.files import atomic_write_text
 from ..model.metrics import dice_per_row
 from ..model.sam2 import SAM2Model
 from .clip import run_clip
