@@ -68,12 +68,47 @@ import torch
 from napari_sam2.model.config import NANO
 from napari_sam2.sample_data import random_stack
 from napari_sam2.training import (
+    Recipe,
     TrainConfig,
     Trainer,
     format_event,
+    freeze,
+    normalise_embedding,
     prepare_stack,
+    register_recipe,
+    reinitialise,
     train,
 )
+
+MEMORY_PATH = ("memory_attention", "memory_encoder", "maskmem_tpos_enc")
+
+
+def _local_memory_start(model, stacks) -> None:
+    """Stage 5's start: the image embedding scaled to a mean token norm of 4 and frozen with
+    the whole image encoder, the memory cross-attention local (equal query and key biases
+    of 3.5 on the fastest rotary frequencies), memories from the mask alone."""
+    normalise_embedding(model, stacks, 4.0)
+    model.memory_attention.bias_towards_same_place(3.5)
+    freeze(model, ("image_encoder",))
+    model.memory_encoder.use_mask_only()
+
+
+# The nano experiments' model surgery, by name (TrainConfig.recipes).
+register_recipe("nano: new memory path", Recipe(
+    after_load=lambda model, seed: reinitialise(model, MEMORY_PATH, seed),
+    description="the memory attention, memory encoder and memory time codes re-initialised (seeded)",
+))
+register_recipe("nano: local memory start", Recipe(
+    before_training=_local_memory_start, description=_local_memory_start.__doc__,
+))
+register_recipe("nano: mask-only memory", Recipe(
+    before_training=lambda model, stacks: model.memory_encoder.use_mask_only(),
+    description="memories from the mask alone: the memory encoder's image projection zero and frozen",
+))
+register_recipe("nano: appearance memory", Recipe(
+    lr_scales=(("memory_encoder.pix_feat_proj", 10.0),),
+    description="the memory encoder's image projection learns at 10 x the learning rate",
+))
 
 TRAIN_SEEDS_1 = range(1000, 1064)
 TRAIN_SEEDS_2 = range(1000, 1096)
@@ -94,7 +129,7 @@ STAGE_2 = TrainConfig(
 )
 STAGE_3 = STAGE_2.replace(
     epochs=26, steps_per_epoch=400, warmup_steps=100, lr=3e-4, min_lr_ratio=0.05, seed=2,
-    reinit=("memory_attention", "memory_encoder", "maskmem_tpos_enc"),
+    recipes=("nano: new memory path",),
 )
 STAGE_3_STEPS = 800  # the schedule spans 10400 steps; the run stops here
 STAGE_4 = STAGE_2.replace(
@@ -106,14 +141,13 @@ STAGE_4 = STAGE_2.replace(
 # memories come from the mask alone, trained without object pointers.
 STAGE_5 = STAGE_2.replace(
     epochs=6, steps_per_epoch=200, warmup_steps=50, lr=3e-4, min_lr_ratio=0.05, seed=2,
-    reinit=("memory_attention", "memory_encoder", "maskmem_tpos_enc"), prob_drop_pointers=1.0,
-    freeze=("image_encoder",), mask_only_memory=True, local_memory_init=3.5, embed_norm=4.0,
+    prob_drop_pointers=1.0, recipes=("nano: new memory path", "nano: local memory start"),
 )
 # Everything trained together from stage 5 (memories still from the mask alone), half of
 # the clips with object pointers so that inference, which uses them, is trained too.
 STAGE_6 = STAGE_2.replace(
     epochs=20, steps_per_epoch=200, warmup_steps=50, lr=3e-4, min_lr_ratio=0.05, seed=4,
-    prob_drop_pointers=0.5, mask_only_memory=True,
+    prob_drop_pointers=0.5, recipes=("nano: mask-only memory",),
 )
 # More of stage 6 at half its learning rate (its validation Dice was still rising).
 STAGE_7 = STAGE_6.replace(epochs=25, lr=1.5e-4, seed=5)
@@ -126,7 +160,7 @@ STAGE_8 = STAGE_7.replace(clip_length=16, epochs=15, lr=1e-4, seed=6)
 # since stage 5, is trained from zero, so the run starts from stage 8's exact behaviour;
 # at 10 x the learning rate (at 1 x it had reached only 0.007 after 600 steps).
 STAGE_9 = STAGE_8.replace(
-    mask_only_memory=False, lr_scale=(("memory_encoder.pix_feat_proj", 10.0),), epochs=12, seed=7,
+    recipes=("nano: appearance memory",), epochs=12, seed=7,
 )
 # More of stage 9 with the object pointers hidden in most clips, so that the memories,
 # which now may carry appearance, must say which object is followed.
@@ -134,11 +168,11 @@ STAGE_10 = STAGE_9.replace(prob_drop_pointers=0.8, epochs=10, seed=8)
 # A finer grid: 192 px input (12 x 12 tokens instead of 8 x 8, a nucleus of the test
 # stacks ~2-4 tokens across at 128 px). Stage 9 run at 192 px untrained segments the
 # clicked slice better but tracks worse; this stage fine-tunes it there.
-STAGE_12 = STAGE_9.replace(image_size=192, lr_scale=(), epochs=6, seed=10)
+STAGE_12 = STAGE_9.replace(image_size=192, recipes=(), epochs=6, seed=10)
 # A mask loss on the slices where the object is absent: in SAM 2's recipe only the object
 # score learns there, so no pixel of a touching neighbour that the mask ran on into is
 # penalised; here every candidate mask is trained towards empty on those slices.
-STAGE_13 = STAGE_9.replace(absent_mask_weight=1.0, lr_scale=(), epochs=8, seed=11)
+STAGE_13 = STAGE_9.replace(absent_mask_weight=1.0, recipes=(), epochs=8, seed=11)
 # More of stage 13 at half its learning rate (its validation 3D Dice was still rising).
 STAGE_14 = STAGE_13.replace(lr=5e-5, seed=12)
 # More of stage 14 again (its validation figure was still rising): a tie, not shipped.

@@ -12,16 +12,20 @@ from napari_sam2.model.sam2 import FrameFeatures
 from napari_sam2.sample_data import random_stack
 from napari_sam2.training import (
     AnnotatedStack,
+    Recipe,
     TrainConfig,
     Trainer,
     TrainingError,
     central_click,
     click_from_mask,
     correction_click,
+    freeze,
     make_model,
     mask_losses,
     noisy_box,
     prepare_stack,
+    register_recipe,
+    reinitialise,
     sample_batch,
     split_stacks,
 )
@@ -184,15 +188,30 @@ def test_resume_refuses_other_files(tmp_path):
         t.resume()
 
 
-def test_reinit_replaces_only_the_named_parts(tmp_path):
-    """init from a file, then the memory path re-initialised exactly as a fresh seeded model's."""
+def _nano_recipes():
+    """scripts/train_nano.py, imported: it registers the recipes the nano model was trained with."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_nano.py"
+    spec = importlib.util.spec_from_file_location("train_nano", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_recipe_reinitialises_only_the_named_parts(tmp_path):
+    """init from a file, then a recipe's after_load hook re-initialises the memory path
+    exactly as a fresh seeded model's."""
     from napari_sam2.model import build_model
 
     torch.manual_seed(123)
     trained = build_model(NANO.with_image_size(SIZE))
     torch.save(trained.state_dict(), tmp_path / "w.pt")
+    register_recipe("test: fresh memory", Recipe(
+        after_load=lambda model, seed: reinitialise(model, ("memory_attention", "memory_encoder"), seed)))
     cfg = TrainConfig(model=NANO.name, image_size=SIZE, init=str(tmp_path / "w.pt"), seed=7,
-                      reinit=("memory_attention", "memory_encoder"))
+                      recipes=("test: fresh memory",))
     model = make_model(cfg)
     torch.manual_seed(7)
     fresh = build_model(NANO.with_image_size(SIZE)).state_dict()
@@ -203,19 +222,24 @@ def test_reinit_replaces_only_the_named_parts(tmp_path):
         expected = fresh[k] if k in replaced else old[k]
         assert torch.equal(got[k], expected), k
     assert not torch.equal(fresh["sam_mask_decoder.iou_token.weight"], old["sam_mask_decoder.iou_token.weight"])
+    register_recipe("test: typo", Recipe(after_load=lambda model, seed: reinitialise(model, ("memory_atention",), seed)))
     with pytest.raises(TrainingError, match="no parameter name starts with"):
-        make_model(cfg.replace(reinit=("memory_atention",)))
+        make_model(cfg.replace(recipes=("test: typo",)))
+    with pytest.raises(TrainingError, match="unknown training recipe 'test: fresh memroy'.*test: fresh memory"):
+        make_model(cfg.replace(recipes=("test: fresh memroy",)))
 
 
-def test_adapt_model_rescales_freezes_and_localises(tmp_path):
-    """The start-of-run changes of the nano recipe's stage 5, each checked from outside:
-    the embedding norm measured afresh, weights compared before and after a step, the
-    memory compared across two images, the attention's argmax against the query's place."""
+def test_nano_stage5_recipe_rescales_freezes_and_localises(tmp_path):
+    """The start-of-run changes of the nano recipe's stage 5 (registered by
+    scripts/train_nano.py), each checked from outside: the embedding norm measured afresh,
+    weights compared before and after a step, the memory compared across two images, the
+    attention's argmax against the query's place."""
     from napari_sam2.model.common import apply_rope
     from napari_sam2.model.tracking import encode_memory
 
-    cfg, tr, va = _small_run(tmp_path, init="scratch", freeze=("image_encoder",), mask_only_memory=True,
-                             local_memory_init=3.5, embed_norm=4.0)
+    nano = _nano_recipes()
+    assert "nano: local memory start" in nano.STAGE_5.recipes
+    cfg, tr, va = _small_run(tmp_path, init="scratch", recipes=("nano: local memory start",))
     trainer = Trainer(cfg, tr, va, tmp_path / "run")
     model = trainer.model
     frames = torch.stack([s.frames[len(s) // 2] for s in tr]).float().expand(-1, 3, -1, -1)
@@ -252,17 +276,18 @@ def test_adapt_model_rescales_freezes_and_localises(tmp_path):
     assert not torch.equal(before["memory_attention.layers.0.cross_attn_image.q_proj.bias"],
                            after["memory_attention.layers.0.cross_attn_image.q_proj.bias"].detach())
     assert torch.count_nonzero(after["memory_encoder.pix_feat_proj.weight"]) == 0
-    with pytest.raises(TrainingError, match="freeze: no parameter"):
-        Trainer(cfg.replace(freeze=("image_encodr",)), tr, va, tmp_path / "bad")
 
 
-def test_lr_scale_multiplies_the_first_step_of_the_named_parameters(tmp_path):
+def test_recipe_lr_scales_multiply_the_first_step_of_the_named_parameters(tmp_path):
     """Adam's first step moves each weight by about lr whatever its gradient, so with the
-    same batch a parameter learning at 10 x the rate moves 10 x as far; the others alike."""
+    same batch a parameter learning at 10 x the rate moves 10 x as far; the others alike.
+    The nano recipe 'appearance memory' is such a scale."""
+    nano = _nano_recipes()
+    assert nano.STAGE_9.recipes == ("nano: appearance memory",)
     cfg, tr, va = _small_run(tmp_path, init="scratch")
     moves = []
-    for scale in ((), (("memory_encoder.pix_feat_proj", 10.0),)):
-        trainer = Trainer(cfg.replace(lr_scale=scale), tr, va, tmp_path / f"run{len(scale)}")
+    for recipes in ((), ("nano: appearance memory",)):
+        trainer = Trainer(cfg.replace(recipes=recipes), tr, va, tmp_path / f"run{len(recipes)}")
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train_step()
         moves.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters()})
@@ -273,8 +298,12 @@ def test_lr_scale_multiplies_the_first_step_of_the_named_parameters(tmp_path):
             torch.testing.assert_close(scaled[n], 10 * plain[n], rtol=1e-4, atol=1e-9)
         else:
             torch.testing.assert_close(scaled[n], plain[n], rtol=0, atol=0)
-    with pytest.raises(TrainingError, match="lr_scale: no parameter"):
-        Trainer(cfg.replace(lr_scale=(("memory_encodr", 2.0),)), tr, va, tmp_path / "bad")
+    register_recipe("test: typo scale", Recipe(lr_scales=(("memory_encodr", 2.0),)))
+    with pytest.raises(TrainingError, match="lr_scales: no parameter"):
+        Trainer(cfg.replace(recipes=("test: typo scale",)), tr, va, tmp_path / "bad")
+    register_recipe("test: typo freeze", Recipe(before_training=lambda model, stacks: freeze(model, ("image_encodr",))))
+    with pytest.raises(TrainingError, match="freeze: no parameter"):
+        Trainer(cfg.replace(recipes=("test: typo freeze",)), tr, va, tmp_path / "bad")
 
 
 def test_training_learns_on_a_fixed_seed(tmp_path):

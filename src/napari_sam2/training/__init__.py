@@ -24,7 +24,7 @@ A run is deterministic for a given seed (on the same machine and thread count).
 The package, one concern per module: :mod:`.config` (hyper-parameters), :mod:`.data`
 (stacks, splits, clip sampling and augmentation), :mod:`.prompts` (prompts simulated
 from masks), :mod:`.losses`, :mod:`.clip` (one clip tracked through the memory),
-:mod:`.recipes` (model surgery for experiments) and :mod:`.trainer` (the loop,
+:mod:`.recipes` (named hooks for an experiment's model surgery) and :mod:`.trainer` (the loop,
 validation, checkpoints).
 """
 
@@ -34,27 +34,41 @@ from .config import TrainConfig
 from .data import AnnotatedStack, Batch, prepare_stack, sample_batch, split_stacks
 from .losses import heads_loss, mask_losses
 from .prompts import central_click, click_from_mask, correction_click, noisy_box
-from .recipes import adapt_model, make_model, reinitialise
+from .recipes import (
+    RECIPES,
+    Recipe,
+    freeze,
+    make_model,
+    normalise_embedding,
+    prepare_model,
+    register_recipe,
+    reinitialise,
+)
 from .trainer import Trainer, TrainEvent, format_event, train
 
 __all__ = [
+    "RECIPES",
     "AnnotatedStack",
     "Batch",
     "ClipResult",
+    "Recipe",
     "TrainConfig",
     "TrainEvent",
     "Trainer",
     "TrainingError",
-    "adapt_model",
     "central_click",
     "click_from_mask",
     "correction_click",
     "format_event",
+    "freeze",
     "heads_loss",
     "make_model",
     "mask_losses",
     "noisy_box",
+    "normalise_embedding",
+    "prepare_model",
     "prepare_stack",
+    "register_recipe",
     "reinitialise",
     "run_clip",
     "sample_batch",

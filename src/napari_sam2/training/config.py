@@ -46,29 +46,12 @@ class TrainConfig:
     min_area: int = 12  # pixels (at model size) an object needs on the prompted slice
     device: str = "cpu"
     bf16: bool = False  # bfloat16 autocast
-    # parameter-name prefixes re-initialised (seeded) after loading ``init``, e.g.
-    # ("memory_attention", "memory_encoder") to give a collapsed memory path a new start
-    reinit: Tuple[str, ...] = ()
     # share of training clips tracked without object pointers, so that the memory
     # attention keeps using the spatial memories (see docs/training.md)
     prob_drop_pointers: float = 0.0
-    # parameter-name prefixes kept fixed during the run (e.g. "image_encoder" while a
-    # re-initialised memory path learns)
-    freeze: Tuple[str, ...] = ()
-    # memories made from the mask alone: the memory encoder's image projection is set to
-    # zero and frozen, so that the memory says where the object was and nothing else
-    mask_only_memory: bool = False
-    # start the memory cross-attention local: equal query and key biases of this size on
-    # the fastest rotary frequencies, so that a slice's token looks at the memory tokens
-    # of the same place (0: leave the attention as loaded)
-    local_memory_init: float = 0.0
-    # rescale the image embedding (the neck's two coarsest levels) to this mean token norm
-    # at the start of the run (0: leave it): a backbone trained from scratch lets it grow
-    # without bound, which drowns the position encoding of the memory attention's queries
-    embed_norm: float = 0.0
-    # (parameter-name prefix, factor) pairs: those parameters learn at factor x the
-    # learning rate (e.g. a projection that starts at zero and must grow in a short run)
-    lr_scale: Tuple[Tuple[str, float], ...] = ()
+    # names of registered recipes (napari_sam2.training.recipes): the model surgery and
+    # learning-rate scales of an experiment, applied in this order
+    recipes: Tuple[str, ...] = ()
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

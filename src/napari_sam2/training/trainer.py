@@ -20,7 +20,7 @@ from ..model.sam2 import SAM2Model
 from .clip import run_clip
 from .config import TrainConfig
 from .data import AnnotatedStack, Batch, sample_batch, split_stacks
-from .recipes import _require_prefixes, adapt_model, make_model
+from .recipes import make_model, prepare_model
 
 # ---------------------------------------------------------------------- the trainer
 
@@ -67,17 +67,16 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(cfg.device)
         self.model = (model if model is not None else make_model(cfg)).to(self.device)
-        adapt_model(self.model, cfg, self.train_stacks)
+        lr_scales = prepare_model(self.model, cfg, self.train_stacks)
         size = self.model.image_size
         for s in self.train_stacks + self.val_stacks:
             if s.frames.shape[-1] != size or s.labels.shape[-1] != size:
                 raise TrainingError(f"stack {s.name!r} was prepared at {s.frames.shape[-1]} px, the model takes {size} px")
-        _require_prefixes(self.model, [prefix for prefix, _ in cfg.lr_scale], "lr_scale")
         groups: Dict[Tuple[bool, float], List[torch.nn.Parameter]] = {}
         for name, prm in self.model.named_parameters():
             no_decay = prm.ndim <= 1 or "pos_embed" in name or name.endswith(
                 ("tpos_enc", "_embed", "no_obj_ptr", "embed_spatial"))
-            scale = next((f for prefix, f in cfg.lr_scale if name.startswith(prefix)), 1.0)
+            scale = next((f for prefix, f in lr_scales if name.startswith(prefix)), 1.0)
             groups.setdefault((no_decay, scale), []).append(prm)
         self.optimizer = torch.optim.AdamW(
             [{"params": prms, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr_scale": scale}
