@@ -286,3 +286,35 @@ def test_cuda_matches_cpu(model):
     b = dict(gpu.propagate("forward", return_logits=True))
     for f in a:
         assert np.abs(a[f][1] - b[f][1]).max() < 1e-2
+
+
+def test_sweeps_visit_each_object_from_its_anchor_within_its_limits():
+    """The order the session and the training clip share, written out by hand: object 1
+    anchored on slice 3 of 0..6, object 2 on slice 5 limited to 4..6."""
+    from napari_sam2.model.tracking import plan_sweeps
+
+    anchors, limits = {1: 3, 2: 5}, {1: (0, 6), 2: (4, 6)}
+    fwd, bwd = plan_sweeps(anchors, limits, "both")
+    assert (fwd.reverse, fwd.frames, bwd.reverse, bwd.frames) == (False, [3, 4, 5, 6], True, [4, 3, 2, 1, 0])
+    assert [f for f in fwd.frames if fwd.active(f, 2)] == [5, 6]
+    assert [f for f in bwd.frames if bwd.active(f, 2)] == [4]  # from the slice before its anchor
+    assert [f for f in bwd.frames if bwd.active(f, 1)] == [2, 1, 0]
+    (only,) = plan_sweeps(anchors, limits, "backward")
+    assert only.reverse and [f for f in only.frames if only.active(f, 2)] == [5, 4]
+    assert plan_sweeps({1: 0}, {1: (0, 6)}, "both")[-1].reverse is False  # nothing before slice 0
+
+
+def test_a_prompted_slice_keeps_its_output_in_the_memory_bank():
+    from napari_sam2.model.tracking import FrameOutput, MemoryBank
+
+    def out(v):
+        return FrameOutput(None, torch.full((1, 4), float(v)), torch.ones(1, 1), torch.zeros(1, 2, 2, 2))
+
+    bank = MemoryBank()
+    bank.add(2, out(1), prompted=False)
+    bank.add(2, out(2), prompted=True)  # a prompt on a tracked slice replaces its output
+    bank.add(2, out(3), prompted=False)  # tracking over it again does not
+    assert list(bank.cond) == [2] and not bank.non_cond and bank.get(2).obj_ptr[0, 0] == 2
+    copy = bank.copy()
+    copy.cond[2].maskmem_features = None
+    assert bank.cond[2].maskmem_features is not None

@@ -12,7 +12,6 @@ Slices are "frames" in SAM 2's terms. Coordinates are (x, y) pixels of a slice.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import (
@@ -40,11 +39,12 @@ from .prompts import check_mask, slice_prompt
 from .sam2 import LOGIT_CLAMP, NO_OBJ_SCORE, FrameFeatures, SAM2Model
 from .tracking import (
     FrameOutput,
+    MemoryBank,
     PointPrompt,
+    Sweep,
+    Tracker,
     encode_memory,
-    maskmem_pos_tokens,
-    track_objects,
-    track_step,
+    plan_sweeps,
     upsample_to_model,
 )
 
@@ -99,30 +99,6 @@ def low_res_to_slice(
     return {oid: (full[i] if return_logits else full[i] > 0) for i, oid in enumerate(obj_ids)}
 
 
-@dataclass
-class Sweep:
-    """One pass through the stack in one direction.
-
-    starts: {obj_id: the slice where the object begins}; ends: {obj_id: the last slice
-    it may reach}. Objects join the sweep at their start, so each is tracked only from
-    its own anchor, and all objects on a slice step together.
-    """
-
-    reverse: bool
-    starts: Dict[int, int]
-    ends: Dict[int, int]
-
-    @property
-    def frames(self) -> List[int]:
-        if self.reverse:
-            return list(range(max(self.starts.values()), min(self.ends.values()) - 1, -1))
-        return list(range(min(self.starts.values()), max(self.ends.values()) + 1))
-
-    def active(self, frame: int, obj_id: int) -> bool:
-        s, e = self.starts[obj_id], self.ends[obj_id]
-        return e <= frame <= s if self.reverse else s <= frame <= e
-
-
 def run_sweeps(session, sweeps: Sequence[Sweep], step, stop_after_absent: Optional[int] = None):
     """Drive ``step(frame, obj_ids, reverse) -> (B 1 h w logits, B scores)`` through the
     sweeps; yields (frame, obj_ids, logits, scores). An object stops in a sweep after
@@ -144,7 +120,7 @@ def run_sweeps(session, sweeps: Sequence[Sweep], step, stop_after_absent: Option
             ids = [i for i in sweep.starts if sweep.active(frame, i) and planned[i] is not None
                    and session.objects.get(i) is planned[i]]
             for i in ids:  # an object's own prompted slice takes it up again after a stop
-                if i in stopped and (frame in planned[i].cond or frame in planned[i].pending_cond):
+                if i in stopped and (frame in planned[i].memory.cond or frame in planned[i].pending.cond):
                     stopped.discard(i)
                     absent[i] = 0
             for i in [i for i in ids if i in stopped]:
@@ -198,23 +174,21 @@ class FeatureCache:
 
 @dataclass
 class ObjectState:
-    """Everything the session knows about one object."""
+    """Everything the session knows about one object: its prompts, its memory bank, and the
+    outputs of prompts given since the last propagation (``pending``: their memories are
+    encoded when the next propagation starts)."""
 
     obj_id: int
     points: Dict[int, PointPrompt] = field(default_factory=dict)
     masks: Dict[int, torch.Tensor] = field(default_factory=dict)  # frame -> 1 1 S S mask prompt
-    cond: Dict[int, FrameOutput] = field(default_factory=dict)  # conditioning frames (prompted)
-    non_cond: Dict[int, FrameOutput] = field(default_factory=dict)  # tracked frames
-    pending_cond: Dict[int, FrameOutput] = field(default_factory=dict)  # prompted, memory not encoded yet
-    pending_non_cond: Dict[int, FrameOutput] = field(default_factory=dict)
+    memory: MemoryBank = field(default_factory=MemoryBank)
+    pending: MemoryBank = field(default_factory=MemoryBank)
     tracked: Dict[int, bool] = field(default_factory=dict)  # frame -> tracked in reverse?
     skipped: set = field(default_factory=set)  # frames the last propagation left out (early stop)
 
     def latest(self, frame: int) -> Optional[FrameOutput]:
-        for d in (self.pending_cond, self.pending_non_cond, self.cond, self.non_cond):
-            if frame in d:
-                return d[frame]
-        return None
+        out = self.pending.get(frame)
+        return out if out is not None else self.memory.get(frame)
 
     @property
     def prompted_frames(self) -> List[int]:
@@ -222,12 +196,9 @@ class ObjectState:
 
     def copy(self) -> "ObjectState":
         """A copy whose prompt and memory tables can change without touching this one."""
-        def outs(d):  # pruning edits a FrameOutput in place: each copy has its own
-            return {t: dataclasses.replace(o) for t, o in d.items()}
-
         return ObjectState(
-            self.obj_id, dict(self.points), dict(self.masks), outs(self.cond), outs(self.non_cond),
-            outs(self.pending_cond), outs(self.pending_non_cond), dict(self.tracked), set(self.skipped),
+            self.obj_id, dict(self.points), dict(self.masks), self.memory.copy(), self.pending.copy(),
+            dict(self.tracked), set(self.skipped),
         )
 
 
@@ -353,9 +324,7 @@ class StackSession(SessionCommon):
         self.features = FeatureCache(int(feature_cache_mb * 2**20))
         self._compute_features = compute_features
         self.objects: "OrderedDict[int, ObjectState]" = OrderedDict()
-        self._maskmem_pos: Optional[torch.Tensor] = None
-        # frames that must keep their memory: the attention window around prompts
-        self._window = max(model.num_maskmem, model.config.max_obj_ptrs_in_encoder)
+        self._tracker = Tracker(model, self.num_frames)
         self.keep_memory = bool(keep_memory)
 
     # ------------------------------------------------------------------ basics
@@ -402,11 +371,6 @@ class StackSession(SessionCommon):
         for f in frames:
             if 0 <= f < self.num_frames and f not in self.features:
                 self.frame_features(f)
-
-    def _maskmem_pos_tokens(self, feats: FrameFeatures) -> torch.Tensor:
-        if self._maskmem_pos is None:
-            self._maskmem_pos = maskmem_pos_tokens(self.model, feats)
-        return self._maskmem_pos
 
     # ------------------------------------------------------------------ prompts
 
@@ -474,16 +438,14 @@ class StackSession(SessionCommon):
         is_cond = is_init or self.corrections_as_conditioning
         prev = None
         if prompt is not None:
-            earlier = (obj.pending_cond if is_cond else obj.pending_non_cond).get(frame)
+            earlier = (obj.pending.cond if is_cond else obj.pending.non_cond).get(frame)
             if earlier is None:
-                earlier = obj.cond.get(frame) or obj.non_cond.get(frame)
+                earlier = obj.memory.get(frame)
             if earlier is not None and earlier.pred_masks is not None:
                 prev = earlier.pred_masks.to(self.device).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
         _, heads = self._step(obj, frame, reverse, is_init=is_init, prompt=prompt, mask=mask, prev=prev)
         out = self._compact(heads.low_res_masks, heads.obj_ptr, heads.object_score_logits, None)
-        (obj.pending_cond if is_cond else obj.pending_non_cond)[frame] = out
-        if is_cond:
-            obj.pending_non_cond.pop(frame, None)
+        obj.pending.add(frame, out, prompted=is_cond)
         return self.frame_logits(frame)
 
     def _compact(self, low_res, obj_ptr, score, maskmem, filled: bool = False) -> FrameOutput:
@@ -525,11 +487,11 @@ class StackSession(SessionCommon):
         obj = self._object(obj_id)
         obj.points.pop(frame, None)
         obj.masks.pop(frame, None)
-        obj.pending_cond.pop(frame, None)
-        obj.pending_non_cond.pop(frame, None)
-        out = obj.cond.pop(frame, None)
+        obj.pending.cond.pop(frame, None)
+        obj.pending.non_cond.pop(frame, None)
+        out = obj.memory.cond.pop(frame, None)
         if out is not None:
-            obj.non_cond[frame] = out
+            obj.memory.add(frame, out, prompted=False)
             obj.tracked.pop(frame, None)
 
     def remove_object(self, obj_id: int) -> None:
@@ -564,7 +526,7 @@ class StackSession(SessionCommon):
         if not self.objects:
             raise InputError("no object has a prompt yet: add points, a box or a mask first")
         for obj in self.objects.values():
-            for pending, bank in ((obj.pending_non_cond, obj.non_cond), (obj.pending_cond, obj.cond)):
+            for prompted, pending in ((False, obj.pending.non_cond), (True, obj.pending.cond)):
                 for frame, out in pending.items():
                     if out.maskmem_features is None:
                         feats = self.frame_features(frame)
@@ -572,25 +534,10 @@ class StackSession(SessionCommon):
                             high = upsample_to_model(self.model, out.pred_masks.to(self.device))
                             mem = encode_memory(self.model, feats, high, out.object_score_logits.to(self.device), from_clicks=True)
                         out.maskmem_features = mem.to(torch.bfloat16).to(self.storage_device)
-                    bank[frame] = out
-                pending.clear()
-            if not obj.cond:
+                    obj.memory.add(frame, out, prompted=prompted)
+            obj.pending.clear()
+            if not obj.memory.cond:
                 raise InputError(f"object {obj.obj_id} has no prompt on any slice; add one or remove the object")
-            for frame in obj.cond:
-                obj.non_cond.pop(frame, None)
-
-    def _prune(self, obj: ObjectState, frame: int, reverse: bool) -> None:
-        """Drop memories the model can no longer attend to: behind the direction of travel by
-        more than the attention window, and not within the window of a prompted slice."""
-        if self.keep_memory:
-            return
-        w = self._window
-        limit = frame + w if reverse else frame - w
-        for t, out in obj.non_cond.items():
-            behind = t > limit if reverse else t < limit
-            if behind and out.maskmem_features is not None and not any(abs(t - c) <= w for c in obj.cond):
-                out.maskmem_features = None
-                out.pred_masks = None
 
     def plan(
         self,
@@ -628,22 +575,14 @@ class StackSession(SessionCommon):
             if object_ranges and i in object_ranges:
                 a, b = (int(v) for v in object_ranges[i])
                 a, b = max(a, lo), min(b, hi)
-            own = [t for t in self.objects[i].cond if a <= t <= b]
+            own = [t for t in self.objects[i].memory.cond if a <= t <= b]
             anchor = start if start is not None else (min(own) if own else None)
             if anchor is None or not a <= anchor <= b:
                 continue  # no prompt of this object inside its range: not tracked now
             limits[i], anchors[i] = (a, b), anchor
         if not anchors:
             raise InputError(f"no prompted slice inside the range {lo}..{hi} for the objects asked for")
-        sweeps = []
-        if direction in ("forward", "both"):
-            sweeps.append(Sweep(False, {i: anchors[i] for i in anchors}, {i: limits[i][1] for i in anchors}))
-        if direction in ("backward", "both"):
-            first = {i: anchors[i] - (1 if direction == "both" else 0) for i in anchors}
-            first = {i: f for i, f in first.items() if f >= limits[i][0]}
-            if first:
-                sweeps.append(Sweep(True, first, {i: limits[i][0] for i in first}))
-        return sweeps
+        return plan_sweeps(anchors, limits, direction)
 
     def propagate_logits(self, direction: str = "both", *, stop_after_absent: Optional[int] = None, **plan_kwargs):
         """As :meth:`propagate`, yielding (slice, obj_ids, B 1 4h 4w low-resolution logits,
@@ -668,9 +607,9 @@ class StackSession(SessionCommon):
         scores: List[Optional[torch.Tensor]] = [None] * len(objs)
         todo = []
         for k, obj in enumerate(objs):
-            if frame in obj.cond:  # prompted slice: keep its result
-                lows[k] = obj.cond[frame].pred_masks
-                scores[k] = obj.cond[frame].object_score_logits
+            kept = obj.memory.cond.get(frame)
+            if kept is not None:  # prompted slice: keep its result
+                lows[k], scores[k] = kept.pred_masks, kept.object_score_logits
             else:
                 todo.append(k)
         with torch.inference_mode():
@@ -678,19 +617,17 @@ class StackSession(SessionCommon):
             for first in range(0, len(todo), self.max_batch):
                 chunk = todo[first : first + self.max_batch]
                 with self._amp():
-                    heads, mem = track_objects(
-                        self.model, feats, frame, [(objs[k].cond, objs[k].non_cond) for k in chunk],
-                        self._maskmem_pos_tokens(feats), reverse, self.num_frames,
-                    )
+                    heads, mem = self._tracker.step_many([objs[k].memory for k in chunk], feats, frame, reverse)
                 low_res = fill_holes(heads.low_res_masks.float(), self.fill_hole_area)
                 for j, k in enumerate(chunk):
                     out = self._compact(low_res[j : j + 1], heads.obj_ptr[j : j + 1],
                                         heads.object_score_logits[j : j + 1], mem[j : j + 1], filled=True)
-                    objs[k].non_cond[frame] = out
+                    objs[k].memory.add(frame, out, prompted=False)
                     lows[k], scores[k] = out.pred_masks, out.object_score_logits
             for obj in objs:
                 obj.tracked[frame] = reverse
-                self._prune(obj, frame, reverse)
+                if not self.keep_memory:  # drop what the model can no longer attend to
+                    obj.memory.forget_behind(frame, reverse, self._tracker.window)
             low = torch.cat([t.float().cpu() for t in lows])
             score = torch.cat([t.float().cpu().reshape(1) for t in scores])
         return low, score
@@ -699,12 +636,8 @@ class StackSession(SessionCommon):
         """One prompted step of ``obj`` on ``frame``: (frame features, heads output)."""
         feats = self.frame_features(frame)
         with self._amp():
-            heads = track_step(
-                self.model, feats, frame,
-                is_init_cond_frame=is_init, prompt=prompt, mask_input=mask,
-                cond=obj.cond, non_cond=obj.non_cond, maskmem_pos=self._maskmem_pos_tokens(feats),
-                reverse=reverse, num_frames=self.num_frames, prev_mask_logits=prev,
-            )
+            heads = self._tracker.step(obj.memory, feats, frame, reverse=reverse, first=is_init, prompt=prompt,
+                                       mask_input=mask, prev_mask_logits=prev)
         return feats, heads
 
     #: at most this many objects go through the model in one batch (bounds peak memory)
@@ -720,4 +653,4 @@ class StackSession(SessionCommon):
     @property
     def state_nbytes(self) -> int:
         """Bytes held in per-object memories (not counting the feature cache)."""
-        return sum(out.nbytes for o in self.objects.values() for d in (o.cond, o.non_cond, o.pending_cond, o.pending_non_cond) for out in d.values())
+        return sum(out.nbytes for o in self.objects.values() for bank in (o.memory, o.pending) for out in bank.outputs())

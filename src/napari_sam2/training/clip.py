@@ -10,10 +10,11 @@ import torch
 from ..model.sam2 import LOGIT_CLAMP, FrameFeatures, HeadsOutput, SAM2Model
 from ..model.tracking import (
     FrameOutput,
+    MemoryBank,
     PointPrompt,
+    Tracker,
     encode_memory,
-    maskmem_pos_tokens,
-    track_step,
+    plan_sweeps,
 )
 from .config import TrainConfig
 from .data import Batch
@@ -52,12 +53,10 @@ def run_clip(
             feats_all.image_embed[idx], [h[idx] for h in feats_all.high_res], feats_all.pos[idx]
         )
 
-    maskmem_pos = maskmem_pos_tokens(model, feats_at(0))
     # the pointer position encoding is normalised by min(stack length, 16): use the
     # value a full stack gives at inference
-    num_frames = max(t_len, model.config.max_obj_ptrs_in_encoder)
-    cond: Dict[int, FrameOutput] = {}
-    non_cond: Dict[int, FrameOutput] = {}
+    tracker = Tracker(model, max(t_len, model.config.max_obj_ptrs_in_encoder))
+    bank = MemoryBank()  # one row per object of the batch
     losses: List[torch.Tensor] = []
     parts_sum: Dict[str, float] = {}
     masks = torch.zeros(b, t_len, *targets.shape[-2:], dtype=torch.bool)
@@ -68,11 +67,13 @@ def run_clip(
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v
 
-    def remember(t: int, heads: HeadsOutput, feats: FrameFeatures, *, is_cond: bool, from_clicks: bool) -> None:
+    def remember(t: int, heads: HeadsOutput, feats: FrameFeatures, *, prompted: bool, from_clicks: bool) -> None:
         mem = encode_memory(model, feats, heads.high_res_masks, heads.object_score_logits, from_clicks=from_clicks)
-        out = FrameOutput(None, heads.obj_ptr, heads.object_score_logits, mem)
-        (cond if is_cond else non_cond)[t] = out
+        bank.add(t, FrameOutput(None, heads.obj_ptr, heads.object_score_logits, mem), prompted=prompted)
         masks[:, t] = (heads.high_res_masks[:, 0] > 0).detach().cpu()
+
+    def refined(heads: HeadsOutput) -> torch.Tensor:
+        return heads.low_res_masks.detach().clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
 
     binarize = not model.training  # as at inference: masks from clicks enter memory binarised
     use_pointers = not (model.training and cfg.prob_drop_pointers > 0
@@ -93,44 +94,33 @@ def run_clip(
             prompt = click_from_mask(gt.cpu(), gen)
         prompt = PointPrompt(prompt.coords.to(device), prompt.labels.to(device))
         heads = None
-        for i in range(1 + (0 if central else batch.corrections)):
+        for _ in range(1 + (0 if central else batch.corrections)):
             prev = None
             if heads is not None:
                 extra = correction_click(heads.high_res_masks.detach().cpu(), gt.cpu(), gen)
                 prompt = prompt.extended(extra.coords.to(device), extra.labels.to(device))
-                prev = heads.low_res_masks.detach().clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
-            heads = track_step(
-                model, f, p, is_init_cond_frame=True, prompt=prompt, mask_input=None, cond=cond,
-                non_cond=non_cond, maskmem_pos=maskmem_pos, reverse=False, num_frames=num_frames,
-                prev_mask_logits=prev,
-            )
+                prev = refined(heads)
+            heads = tracker.step(bank, f, p, first=True, prompt=prompt, prev_mask_logits=prev)
             add_loss(heads, p)
-    remember(p, heads, f, is_cond=True, from_clicks=binarize and kind != "mask")
+    remember(p, heads, f, prompted=True, from_clicks=binarize and kind != "mask")
 
-    for order, reverse in ((range(p + 1, t_len), False), (range(p - 1, -1, -1), True)):
-        for t in order:
+    # as a session propagates "both" ways from the prompted slice
+    for sweep in plan_sweeps({0: p}, {0: (0, t_len - 1)}, "both"):
+        for t in sweep.frames:
+            if t in bank.cond:  # the prompted slice keeps its result
+                continue
             f = feats_at(t)
-            heads = track_step(
-                model, f, t, is_init_cond_frame=False, prompt=None, mask_input=None, cond=cond,
-                non_cond=non_cond, maskmem_pos=maskmem_pos, reverse=reverse, num_frames=num_frames,
-                use_pointers=use_pointers,
-            )
+            heads = tracker.step(bank, f, t, reverse=sweep.reverse, use_pointers=use_pointers)
             add_loss(heads, t)
-            is_cond = False
-            if t == batch.tracked_correction and not central:
+            prompted = t == batch.tracked_correction and not central
+            if prompted:
                 click = correction_click(heads.high_res_masks.detach().cpu(), targets[:, t].cpu(), gen)
-                heads = track_step(
-                    model, f, t, is_init_cond_frame=False,
-                    prompt=PointPrompt(click.coords.to(device), click.labels.to(device)), mask_input=None,
-                    cond=cond, non_cond=non_cond, maskmem_pos=maskmem_pos, reverse=reverse,
-                    num_frames=num_frames, prev_mask_logits=heads.low_res_masks.detach().clamp(-LOGIT_CLAMP, LOGIT_CLAMP),
-                    use_pointers=use_pointers,
+                heads = tracker.step(
+                    bank, f, t, reverse=sweep.reverse, prompt=PointPrompt(click.coords.to(device), click.labels.to(device)),
+                    prev_mask_logits=refined(heads), use_pointers=use_pointers,
                 )
                 add_loss(heads, t)
-                is_cond = True
-            remember(t, heads, f, is_cond=is_cond, from_clicks=False)
+            remember(t, heads, f, prompted=prompted, from_clicks=False)
     loss = torch.stack(losses).mean()
     parts = {k: v / len(losses) for k, v in parts_sum.items()}
     return ClipResult(loss, parts, masks)
-
-
