@@ -156,3 +156,19 @@ def test_batches_of_different_sizes_on_one_image(image):
     low_ref, iou_ref = fresh.predict_batch(few, torch.ones(7, 1, dtype=torch.int32))
     torch.testing.assert_close(low, low_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(iou, iou_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_images_and_stacks_share_one_default_intensity_mapping(predictor):
+    """Without a range, an image is mapped as a stack is: the model profile's percentiles
+    (0.5, 99.5), so one hot pixel does not squash the rest to black; uint8 keeps 0..255."""
+    from napari_sam2.model.frames import FrameSource
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(300, 40, (40, 50)).astype(np.float32)
+    img[5, 5] = 60000  # a hot pixel
+    lo, hi = np.percentile(img.astype(np.float64), (0.5, 99.5))
+    assert predictor.model.config.profile.percentiles == (0.5, 99.5)
+    torch.testing.assert_close(predictor.prepare_image(img), predictor.prepare_image(img, (lo, hi)))
+    assert FrameSource.for_model(predictor.model, img[None]).intensity_range == pytest.approx((lo, hi))
+    u8 = (img / img.max() * 255).astype(np.uint8)
+    torch.testing.assert_close(predictor.prepare_image(u8), predictor.prepare_image(u8, (0, 255)))

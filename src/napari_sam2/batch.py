@@ -253,7 +253,7 @@ def _segment(item: BatchItem, settings: BatchSettings, model, image: np.ndarray,
                          f"{image.shape}")
     from .model.frames import FrameSource
 
-    frames = FrameSource(image, rng)
+    frames = FrameSource.for_model(model, image, rng)
     if item.kind == "points":
         clicks = sorted(read_points_csv(item.source, image.shape[0], image.shape[1:3]).items())
         prompts = [(obj, z, {"points": pts, "labels": labs}) for (z, obj), (pts, labs) in clicks]

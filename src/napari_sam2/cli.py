@@ -78,6 +78,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-sam2", description="Segment Anything 2 for microscopy images and stacks")
     from . import __version__
+    from .training.config import FINE_TUNE_LR, TrainConfig
 
     p.add_argument("--version", action="version", version=f"napari-sam2 {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,13 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="folder for checkpoints and history")
     t.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL})")
     t.add_argument("--init", default="pretrained", help="scratch, pretrained (default) or a weights file")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--steps-per-epoch", type=int, default=100)
-    t.add_argument("--clip-length", type=int, default=8, help="consecutive slices per clip")
-    t.add_argument("--clips-per-step", type=int, default=2)
-    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 from scratch, 3e-5 otherwise)")
-    t.add_argument("--val-fraction", type=float, default=0.2, help="share of stacks held out for validation")
-    t.add_argument("--seed", type=int, default=0)
+    defaults = TrainConfig()  # one set of training defaults, the API's
+    t.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
+    t.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch,
+                   help=f"default {defaults.steps_per_epoch}")
+    t.add_argument("--clip-length", type=int, default=defaults.clip_length,
+                   help=f"consecutive slices per clip (default {defaults.clip_length})")
+    t.add_argument("--clips-per-step", type=int, default=defaults.clips_per_step,
+                   help=f"default {defaults.clips_per_step}")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr:g} from scratch, "
+                                            f"{FINE_TUNE_LR:g} otherwise)")
+    t.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                   help=f"share of stacks held out for validation (default {defaults.val_fraction:g})")
+    t.add_argument("--seed", type=int, default=defaults.seed)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     t.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
@@ -742,8 +749,8 @@ def _embed(args) -> int:
         raise FileExistsError(f"{out} exists; remove it to build the store again")
     settings = BatchSettings(model=_model_name(args), checkpoint=None if args.checkpoint is None else str(args.checkpoint),
                              device=args.device)
-    frames = FrameSource(_read_image(args.stack), args.range)
     model = get_model(settings)
+    frames = FrameSource.for_model(model, _read_image(args.stack), args.range)
     bar = _progress_bar(f"embedding {args.stack.name}", "slices")
     client = cluster = None
     try:
@@ -802,13 +809,14 @@ def _read_pair(image_path: Path, label_path: Path):
     return image, labels
 
 
-def _read_pairs(pairs, size: int) -> list:
+def _read_pairs(pairs, size: int, percentiles) -> list:
     from .training import prepare_stack
 
     stacks = []
     for image_path, label_path in pairs:
         print(f"reading {image_path} with labels {label_path}")
-        stacks.append(prepare_stack(*_read_pair(image_path, label_path), size, name=image_path.name))
+        stacks.append(prepare_stack(*_read_pair(image_path, label_path), size, name=image_path.name,
+                                    percentiles=percentiles))
     return stacks
 
 
@@ -816,21 +824,24 @@ def _train(args) -> int:
     from .model.config import get_config
     from .model.devices import pick_device
     from .sample_data import random_stack
-    from .training import TrainConfig, TrainingError, prepare_stack, train
+    from .training import FINE_TUNE_LR, TrainConfig, TrainingError, prepare_stack, train
 
     if not args.pair and args.synthetic <= 0:
         raise TrainingError("no data: give --pair IMAGE LABELS (repeatable) and/or --synthetic N")
     _check_model(args.model)
     device = pick_device(args.device)
-    size = get_config(args.model).image_size
-    stacks = _read_pairs(args.pair, size)
-    stacks += [prepare_stack(*random_stack(s), size, name=f"seed {s}") for s in range(1000, 1000 + args.synthetic)]
-    lr = args.lr if args.lr is not None else (1e-3 if args.init == "scratch" else 3e-5)
+    model_cfg = get_config(args.model)  # stacks are mapped as the model's profile says
+    size, percentiles = model_cfg.image_size, model_cfg.profile.percentiles
+    stacks = _read_pairs(args.pair, size, percentiles)
+    stacks += [prepare_stack(*random_stack(s), size, name=f"seed {s}", percentiles=percentiles)
+               for s in range(1000, 1000 + args.synthetic)]
     cfg = TrainConfig(
         model=args.model, init=args.init, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        clip_length=args.clip_length, clips_per_step=args.clips_per_step, lr=lr,
+        clip_length=args.clip_length, clips_per_step=args.clips_per_step,
         val_fraction=args.val_fraction, seed=args.seed, device=str(device), bf16=args.bf16,
     )
+    if args.lr is not None or args.init != "scratch":
+        cfg = cfg.replace(lr=args.lr if args.lr is not None else FINE_TUNE_LR)
     train(cfg, stacks, args.out, resume=args.resume)
     return 0
 

@@ -81,7 +81,7 @@ def box_protocol(model, volume, box: Sequence[float], key_slice: int, *,
     from .model.postprocess import largest_component as keep_largest
     from .model.video import StackSession, check_frame
 
-    frames = FrameSource(volume, intensity_range)
+    frames = FrameSource.for_model(model, volume, intensity_range)
     key = check_frame(key_slice, frames.num_frames)
     out = np.zeros((frames.num_frames, *frames.shape), bool)
     done = 0

@@ -113,7 +113,7 @@ def build_store(out: Union[str, Path], model, frames, *, client=None, load: Opti
 
     from .model.frames import FrameSource
 
-    frames = frames if isinstance(frames, FrameSource) else FrameSource(frames)
+    frames = FrameSource.for_model(model, frames)
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it to build the store again")
@@ -224,7 +224,7 @@ def open_store(path: Union[str, Path], model, frames) -> FeatureStore:
     path = Path(path)
     if not path.exists():
         raise InputError(f"no embedding store {path}")
-    frames = frames if isinstance(frames, FrameSource) else FrameSource(frames)
+    frames = FrameSource.for_model(model, frames)
     try:
         group = zarr.open_group(str(path), mode="r")
         attrs = dict(group.attrs)

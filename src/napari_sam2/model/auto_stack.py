@@ -351,7 +351,7 @@ def segment_stack(
         raise InputError(f"a stack (N, H, W) is needed for the stack mode, got a 2D image of shape {shape}; "
                          "use segment_slice for one image")
     gen_params, stack_params = split_params(params)
-    frames = FrameSource(stack, intensity_range, nonfinite=nonfinite)
+    frames = FrameSource.for_model(model, stack, intensity_range, nonfinite=nonfinite)
     if out is None:
         out = np.zeros((frames.num_frames, *frames.shape), np.uint32)
     elif tuple(out.shape) != (frames.num_frames, *frames.shape):

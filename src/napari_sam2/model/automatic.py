@@ -209,12 +209,12 @@ class AutomaticMaskGenerator:
         """The masks of ``image`` (H x W grey or H x W x 3), highest-ranked first.
 
         intensity_range: (low, high) mapped to black and white (default as
-        :meth:`ImagePredictor.set_image`: 0..255 for uint8, else the image's range;
+        :meth:`ImagePredictor.set_image`: 0..255 for uint8, else the model profile's percentiles;
         the same mapping is used for every crop). should_stop() is asked between
         batches; when it says True the masks found so far are returned.
         """
         arr = check_image(image)
-        rng = check_range(intensity_range) or default_intensity_range(arr)
+        rng = check_range(intensity_range) or default_intensity_range(arr, self.predictor.model.config.profile.percentiles)
         hw = arr.shape[:2]
         p = self.params
         boxes = crop_boxes(hw, p.crop_n_layers, p.crop_overlap_ratio)
@@ -236,7 +236,7 @@ class AutomaticMaskGenerator:
         in the tracker). Reuses the embedding when ``image`` is the one :meth:`generate` just
         saw whole (no crops); the masks come with their stability scores, unfiltered."""
         arr = check_image(image)
-        rng = check_range(intensity_range) or default_intensity_range(arr)
+        rng = check_range(intensity_range) or default_intensity_range(arr, self.predictor.model.config.profile.percentiles)
         hw = arr.shape[:2]
         full = (0, 0, hw[1], hw[0])
         held = self._held

@@ -51,6 +51,11 @@ class HieraConfig:
         return tuple(reversed(dims))
 
 
+#: the intensity percentiles mapped to black..white when no range is given (a model's
+#: profile may choose others)
+DEFAULT_PERCENTILES: Tuple[float, float] = (0.5, 99.5)
+
+
 @dataclass(frozen=True)
 class ModelProfile:
     """How a model is best used, beside its architecture: what the widget, the command line
@@ -64,7 +69,7 @@ class ModelProfile:
 
     orientations: int = 1
     corrections_as_conditioning: bool = True
-    percentiles: Tuple[float, float] = (0.5, 99.5)
+    percentiles: Tuple[float, float] = DEFAULT_PERCENTILES
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ class EnsembleSession(SessionCommon):
     ) -> None:
         orientations = check_orientations(orientations)
         self.model = model
-        self.frames = frames if isinstance(frames, FrameSource) else FrameSource(frames, intensity_range)
+        self.frames = FrameSource.for_model(model, frames, intensity_range)
         self.num_frames = len(self.frames)
         self.height, self.width = self.frames.shape
         self.non_overlap = non_overlap

@@ -56,17 +56,20 @@ def click_and_propagate(
     obj_ids: Optional[Iterable[int]] = None,
     fast: bool = False,
     intensity_range=None,
-    orientations: int = 1,
+    orientations: Optional[int] = None,
     stop_after_absent: Optional[int] = None,
 ) -> List[ObjectScore]:
     """Score every object (or ``obj_ids``) of ``labels`` (N, H, W) on ``image``.
 
     orientations: 1 for a plain :class:`StackSession`; 2, 4 or 8 for an
-    :class:`~napari_sam2.model.ensemble.EnsembleSession` (the mean over orientations).
+    :class:`~napari_sam2.model.ensemble.EnsembleSession` (the mean over orientations);
+    default: the model profile's, as the widget and the command line start with.
     stop_after_absent: stop an object after that many slices where it is found absent
     (slices not computed count as empty).
     """
     labels = np.asarray(labels)
+    if orientations is None:
+        orientations = model.config.profile.orientations
     session = open_session(model, image, orientations=orientations, intensity_range=intensity_range, fast=fast)
     ids = sorted(int(i) for i in np.unique(labels) if i != 0) if obj_ids is None else [int(i) for i in obj_ids]
     scores = []

@@ -15,10 +15,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .config import DEFAULT_PERCENTILES
 from .preprocess import (
     InputError,
     check_range,
-    percentile_range,
+    default_intensity_range,
     resize_to_model,
     to_unit_rgb,
 )
@@ -46,7 +47,7 @@ class FrameSource:
         frames,
         intensity_range: Optional[Sequence[float]] = None,
         *,
-        percentiles: Tuple[float, float] = (0.5, 99.5),
+        percentiles: Tuple[float, float] = DEFAULT_PERCENTILES,
         sample: int = 16,
         nonfinite: str = "error",
     ) -> None:
@@ -87,13 +88,21 @@ class FrameSource:
         """(H, W) of one slice."""
         return self.height, self.width
 
+    @classmethod
+    def for_model(cls, model, frames, intensity_range: Optional[Sequence[float]] = None, **kwargs) -> "FrameSource":
+        """``frames`` (returned as they are if already a FrameSource) mapped as ``model``'s
+        profile says when no range is given (its ``percentiles``)."""
+        if isinstance(frames, FrameSource):
+            return frames
+        return cls(frames, intensity_range, percentiles=model.config.profile.percentiles, **kwargs)
+
     def _estimate_range(self, percentiles, sample) -> Tuple[float, float]:
         if self.dtype == np.uint8:
             return 0.0, 255.0
         idx = np.unique(np.linspace(0, self.num_frames - 1, min(sample, self.num_frames)).round().astype(int))
-        values = np.concatenate([_as_numpy(self.frames[int(i)]).ravel() for i in idx]).astype(np.float64)
-        return percentile_range(values[np.isfinite(values)], percentiles,
-                                "the sampled slices hold no finite value (all NaN or infinite); give intensity_range")
+        values = np.concatenate([_as_numpy(self.frames[int(i)]).ravel() for i in idx])
+        return default_intensity_range(
+            values, percentiles, "the sampled slices hold no finite value (all NaN or infinite); give intensity_range")
 
     def read(self, index: int, region: Optional[Tuple[slice, slice]] = None) -> np.ndarray:
         """The raw slice ``index`` as numpy (H, W) or (H, W, C), or only its ``region``

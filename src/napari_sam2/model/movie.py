@@ -93,7 +93,7 @@ def segment_movie(
     if len(given) != 1:
         raise InputError("give the first time point's prompts as exactly one of seeds, points or auto"
                          + (f" (got {', '.join(given)})" if given else ""))
-    rng = FrameSource(movie[0], intensity_range, nonfinite=nonfinite).intensity_range
+    rng = FrameSource.for_model(model, movie[0], intensity_range, nonfinite=nonfinite).intensity_range
     if out is None:
         out = np.zeros(shape, np.uint32)
     elif tuple(out.shape) != shape or not np.issubdtype(np.dtype(out.dtype), np.integer):

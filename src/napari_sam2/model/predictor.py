@@ -84,7 +84,7 @@ class ImagePredictor:
     def prepare_image(self, image, intensity_range: Optional[Sequence[float]] = None) -> torch.Tensor:
         """The normalised 1 3 S S model input for ``image`` (see :meth:`set_image`)."""
         arr = check_image(image)
-        rng = check_range(intensity_range) or default_intensity_range(arr)
+        rng = check_range(intensity_range) or default_intensity_range(arr, self.model.config.profile.percentiles)
         unit = to_unit_rgb(arr, rng).to(self.model.device)
         return self.model.normalize(resize_to_model(unit, self.model.image_size))
 
@@ -94,7 +94,8 @@ class ImagePredictor:
 
         image: H x W (grey) or H x W x 3 (RGB); uint8, uint16, any int or float.
         intensity_range: (low, high) mapped to black and white, e.g. napari's
-        contrast limits; default (0, 255) for uint8, else the image's min and max.
+        contrast limits; default (0, 255) for uint8, else the model profile's percentiles
+        (0.5 and 99.5 for every registered model), as a stack's slices are mapped.
         """
         x = self.prepare_image(image, intensity_range)
         arr_hw = np.shape(image)[:2]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import DEFAULT_PERCENTILES
 from .errors import InputError  # defined with the other errors; imported from here too
 
 
@@ -49,12 +50,17 @@ def check_xy(xy: np.ndarray, hw: Tuple[int, int], name: str, where: str = "image
         )
 
 
-def default_intensity_range(arr: np.ndarray) -> Tuple[float, float]:
-    """uint8 images use (0, 255); anything else its own min and max."""
+def default_intensity_range(arr: np.ndarray, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                            empty: str = "the image holds no finite value (all NaN or infinite); give intensity_range",
+                            ) -> Tuple[float, float]:
+    """The mapping used when none is given, one policy for images and stacks: uint8 data uses
+    (0, 255); anything else the ``percentiles`` of its finite values (min and max where they
+    coincide)."""
+    arr = np.asarray(arr)
     if arr.dtype == np.uint8:
         return 0.0, 255.0
-    lo, hi = float(arr.min()), float(arr.max())
-    return lo, hi
+    values = arr.astype(np.float64, copy=False).ravel()
+    return percentile_range(values[np.isfinite(values)], percentiles, empty)
 
 
 def percentile_range(values: np.ndarray, percentiles: Sequence[float], empty: str) -> Tuple[float, float]:

@@ -256,7 +256,7 @@ class RoiSession(SessionCommon):
                  **session_kwargs) -> None:
         from .ensemble import open_session
 
-        self.frames = frames if isinstance(frames, FrameSource) else FrameSource(frames, intensity_range)
+        self.frames = FrameSource.for_model(model, frames, intensity_range)
         self.roi = Roi.parse(roi).inside(self.frames.shape)
         self.region_frames = RegionFrames(self.frames, self.roi)
         self.inner = open_session(model, self.region_frames, orientations=orientations, **session_kwargs)

@@ -312,7 +312,7 @@ class StackSession(SessionCommon):
         keep_memory: bool = False,
     ) -> None:
         self.model = model.eval()
-        self.frames = frames if isinstance(frames, FrameSource) else FrameSource(frames, intensity_range)
+        self.frames = FrameSource.for_model(model, frames, intensity_range)
         self.num_frames = len(self.frames)
         self.height, self.width = self.frames.shape
         self.fill_hole_area = int(fill_hole_area)

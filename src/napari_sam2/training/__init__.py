@@ -30,7 +30,7 @@ validation, checkpoints).
 
 from ..model.errors import TrainingError
 from .clip import ClipResult, run_clip
-from .config import TrainConfig
+from .config import FINE_TUNE_LR, TrainConfig
 from .data import AnnotatedStack, Batch, prepare_stack, sample_batch, split_stacks
 from .losses import heads_loss, mask_losses
 from .prompts import central_click, click_from_mask, correction_click, noisy_box
@@ -47,6 +47,7 @@ from .recipes import (
 from .trainer import Trainer, TrainEvent, format_event, train
 
 __all__ = [
+    "FINE_TUNE_LR",
     "RECIPES",
     "AnnotatedStack",
     "Batch",

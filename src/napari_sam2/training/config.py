@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 
+#: the command line's peak learning rate when fine-tuning (``init`` not "scratch") and none
+#: is given; ``TrainConfig.lr`` is the from-scratch one
+FINE_TUNE_LR = 3e-5
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of a training run (all have sensible defaults for the nano model).

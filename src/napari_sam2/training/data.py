@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.config import DEFAULT_PERCENTILES
 from ..model.errors import TrainingError
 from ..model.frames import FrameSource
 from ..model.preprocess import InputError
@@ -29,13 +30,15 @@ class AnnotatedStack:
         return int(self.frames.shape[0])
 
 
-def prepare_stack(image, labels, size: int, *, name: str = "", intensity_range=None) -> AnnotatedStack:
+def prepare_stack(image, labels, size: int, *, name: str = "", intensity_range=None,
+                  percentiles: Tuple[float, float] = DEFAULT_PERCENTILES) -> AnnotatedStack:
     """Convert an (N, H, W[, C]) image and its (N, H, W) instance labels to model size.
 
-    Intensities are mapped as at inference (given range, or robust percentiles),
+    Intensities are mapped as at inference (given range, or the ``percentiles``: pass the
+    model profile's, ``get_config(name).profile.percentiles``),
     frames are resized with antialiasing and labels with nearest neighbours.
     """
-    src = FrameSource(image, intensity_range)
+    src = FrameSource(image, intensity_range, percentiles=percentiles)
     lab = np.asarray(labels)
     if lab.shape != (src.num_frames, src.height, src.width):
         raise InputError(
