@@ -66,6 +66,31 @@ def click(viewer, widget, z, y, x):
     widget.points_layer.add(np.array([[z, y, x]], float))
 
 
+def rgb_blobs(seed: int, h: int, w: int, count: int, margin: float, radius) -> np.ndarray:
+    """An RGB uint8 image: ``count`` bright discs of ``radius`` (low, high) pixels, at least
+    ``margin`` from the border, on noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = rng.normal(40, 10, (h, w, 3))
+    for _ in range(count):
+        cy, cx, r = rng.uniform(margin, h - margin), rng.uniform(margin, w - margin), rng.uniform(*radius)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] += rng.uniform(80, 180, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def click_objects(viewer, qtbot, widget, clicks, *, propagate=None, timeout=60_000):
+    """One click per object, each (z, y, x) a new object after the first, waiting for each
+    result; then a propagation in ``propagate`` ("forward", "backward", "both"), if given."""
+    for k, (z, y, x) in enumerate(clicks):
+        if k:
+            widget.new_object()
+        click(viewer, widget, z, y, x)
+        qtbot.waitUntil(lambda: not widget.is_busy, timeout=timeout)
+    if propagate:
+        widget.propagate(propagate)
+        qtbot.waitUntil(lambda: not widget.is_busy, timeout=timeout)
+
+
 def moving_nuclei_movie(t=4, z=12, hw=(96, 96), count=4, seed=0, step=3.0, dtype=np.uint16):
     """A T-Z-Y-X movie of textured ellipsoid nuclei (anisotropic: 2.5 times flatter in z)
     drifting ``step`` pixels per time point in y-x and a little in z: (movie, truth)."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import build_reference, ours_from_reference, require_reference
+from _stacks import rgb_blobs
 from _torchvision_standin import batched_nms, install
 
 from napari_sam2.model.automatic import (
@@ -56,13 +57,7 @@ def test_building_blocks_by_hand():
 
 
 def _image(h=240, w=320, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = rng.normal(40, 10, (h, w, 3))
-    for _ in range(12):
-        cy, cx, r = rng.uniform(20, h - 20), rng.uniform(20, w - 20), rng.uniform(8, 25)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] += rng.uniform(80, 180, 3)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return rgb_blobs(seed, h, w, count=12, margin=20, radius=(8, 25))
 
 
 def test_automatic_masks_match_metas_generator():

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _reference import build_reference, ours_from_reference, require_reference
+from _stacks import rgb_blobs
 
 from napari_sam2.model import ImagePredictor
 
@@ -36,13 +37,7 @@ CASES = [
 
 def _test_image(seed: int, h: int = 300, w: int = 420) -> np.ndarray:
     """A non-square RGB uint8 image with a few bright blobs on noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = rng.normal(40, 10, (h, w, 3))
-    for _ in range(4):
-        cy, cx, r = rng.uniform(40, h - 40), rng.uniform(40, w - 40), rng.uniform(15, 40)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] += rng.uniform(80, 180, 3)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return rgb_blobs(seed, h, w, count=4, margin=40, radius=(15, 40))
 
 
 def _ref_input(img: np.ndarray, size: int) -> torch.Tensor:

@@ -13,7 +13,13 @@ import time
 import numpy as np
 import pytest
 import tifffile
-from _stacks import drain_qt_workers, present_tiny_model, two_blob_volume  # noqa: F401 (drain_qt_workers: an autouse fixture)
+from _stacks import (  # noqa: F401 (drain_qt_workers: an autouse fixture)
+    click,
+    click_objects,
+    drain_qt_workers,
+    present_tiny_model,
+    two_blob_volume,
+)
 
 from napari_sam2.model.ensemble import open_session
 from napari_sam2.model.frames import FrameSource
@@ -47,11 +53,6 @@ def goto(viewer, z):
     step = list(viewer.dims.current_step)
     step[0] = z
     viewer.dims.current_step = tuple(step)
-
-
-def click(viewer, widget, z, y, x):
-    goto(viewer, z)
-    widget.points_layer.add(np.array([[z, y, x]], float))
 
 
 def engine(model, data, intensity_range, **kw):
@@ -297,13 +298,7 @@ def test_click_during_propagation_is_serialised(make_napari_viewer, qtbot, model
 def test_backward_reaches_every_object_from_its_own_slice(make_napari_viewer, qtbot, model, notices):
     data = volume(n=24)
     viewer, layer, widget = start(make_napari_viewer, qtbot, model, data)
-    click(viewer, widget, 5, 23, 20)
-    wait(qtbot, widget)
-    widget.new_object()
-    click(viewer, widget, 20, 30, 40)
-    wait(qtbot, widget)
-    widget.propagate("backward")
-    wait(qtbot, widget)
+    click_objects(viewer, qtbot, widget, [(5, 23, 20), (20, 30, 40)], propagate="backward")
     ref = engine(model, data, tuple(layer.contrast_limits))
     ref.add_points(20, 2, points=[[40, 30]], labels=[1])
     for z, masks in ref.propagate("backward"):

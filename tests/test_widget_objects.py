@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from _stacks import click, drain_qt_workers, present_tiny_model, two_blob_volume  # noqa: F401 (drain_qt_workers: an autouse fixture)
+from _stacks import click_objects, drain_qt_workers, present_tiny_model, two_blob_volume  # noqa: F401 (drain_qt_workers: an autouse fixture)
 
 from napari_sam2.model.ensemble import open_session
 from napari_sam2.model.frames import FrameSource
@@ -38,13 +38,7 @@ def wait(qtbot, widget):
 
 
 def two_objects(viewer, qtbot, widget):
-    click(viewer, widget, 3, 21, 20)
-    wait(qtbot, widget)
-    widget.new_object()
-    click(viewer, widget, 3, 30, 43)
-    wait(qtbot, widget)
-    widget.propagate("both")
-    wait(qtbot, widget)
+    click_objects(viewer, qtbot, widget, [(3, 21, 20), (3, 30, 43)], propagate="both")
 
 
 def test_object_table_select_delete_and_undo(make_napari_viewer, qtbot, model, errors):
@@ -77,8 +71,7 @@ def test_object_table_select_delete_and_undo(make_napari_viewer, qtbot, model, e
 def test_undo_a_propagation_and_hide_an_object(make_napari_viewer, qtbot, model, errors):
     viewer = make_napari_viewer()
     _layer, widget = start(viewer, qtbot, model, volume())
-    click(viewer, widget, 3, 21, 20)
-    wait(qtbot, widget)
+    click_objects(viewer, qtbot, widget, [(3, 21, 20)])
     one_slice = widget.labels_layer.data.copy()
     widget.propagate("forward")
     wait(qtbot, widget)
@@ -97,11 +90,7 @@ def test_undo_a_propagation_and_hide_an_object(make_napari_viewer, qtbot, model,
 def test_propagate_only_selected_objects_within_a_range(make_napari_viewer, qtbot, model, errors):
     viewer = make_napari_viewer()
     _layer, widget = start(viewer, qtbot, model, volume())
-    click(viewer, widget, 3, 21, 20)
-    wait(qtbot, widget)
-    widget.new_object()
-    click(viewer, widget, 3, 30, 43)
-    wait(qtbot, widget)
+    click_objects(viewer, qtbot, widget, [(3, 21, 20), (3, 30, 43)])
     widget.configure(objects="selected", slices="2-5")
     widget.select_objects([2])
     widget.propagate("both")
@@ -164,8 +153,7 @@ def test_save_then_resume_in_a_new_viewer(make_napari_viewer, qtbot, model, erro
 def test_removing_the_clicks_layer_ends_the_session_and_keeps_labels(make_napari_viewer, qtbot, model, errors):
     viewer = make_napari_viewer()
     _layer, widget = start(viewer, qtbot, model, volume())
-    click(viewer, widget, 3, 21, 20)
-    wait(qtbot, widget)
+    click_objects(viewer, qtbot, widget, [(3, 21, 20)])
     labels = widget.labels_layer.data.copy()
     viewer.layers.remove(widget.points_layer)
     wait(qtbot, widget)

@@ -273,22 +273,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     where = "(bundled with the package)" if name in BUNDLED else "(bring your own checkpoint file)"
                 print(f"{name:26s} SAM {cfg.version}  {cfg.image_size:4d}px  {where}")
             return 0
-        if args.command == "gui":
-            return _gui(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "auto":
-            return _auto(args)
-        if args.command == "box":
-            return _box(args)
-        if args.command == "movie":
-            return _movie(args)
-        if args.command == "batch":
-            return _batch(args)
-        if args.command == "embed":
-            return _embed(args)
+        commands = {"gui": _gui, "train": _train, "evaluate": _evaluate, "auto": _auto, "box": _box,
+                    "movie": _movie, "batch": _batch, "embed": _embed}
+        if args.command in commands:
+            return commands[args.command](args)
         if args.command == "fetch":
             from .model.checkpoint import fetch_checkpoint
 

@@ -104,12 +104,13 @@ class Annotator:
     """Objects and prompts on an n-D image, turned into labels by a SAM 2 model.
 
     model: a loaded SAM2Model; image: any array-like (2D, Z-Y-X, T-Z-Y-X, optionally
-    RGB); axis: the axis to propagate along (None for 2D); displayed: the (row, column)
-    axes; roi: where new objects are tracked (:meth:`set_roi`); labels: the array masks are written into (the image's shape without RGB; a
-    new uint16 array if None) — labels already in it are the user's and are never
-    written or erased; executor: where work runs (:class:`~napari_sam2.jobs.SyncExecutor`
-    by default: at once). Other keywords (intensity_range, orientations, fast, nonfinite,
-    ...) go to :class:`~napari_sam2.segmenter.StackSegmenter`. model_info: what produced
+    RGB); roi: where new objects are tracked (:meth:`set_roi`); labels: the array masks
+    are written into (the image's shape without RGB; a new uint16 array if None) — labels
+    already in it are the user's and are never written or erased; executor: where work
+    runs (:class:`~napari_sam2.jobs.SyncExecutor` by default: at once). The view (rgb;
+    axis: the axis to propagate along, None for 2D; displayed: the (row, column) axes) and
+    the sessions' options (intensity_range, orientations, fast, nonfinite, ...) go to
+    :class:`~napari_sam2.segmenter.StackSegmenter`. model_info: what produced
     the labels (model name, checkpoint), recorded in the saved session.
 
     Callbacks (attributes, no-ops by default): ``on_labels(replaced)`` after labels were
@@ -124,9 +125,6 @@ class Annotator:
         model,
         image,
         *,
-        rgb: bool = False,
-        axis: Optional[int],
-        displayed: Tuple[int, int],
         labels: Optional[np.ndarray] = None,
         stop_after: Optional[int] = None,
         executor: Optional[Executor] = None,
@@ -137,8 +135,9 @@ class Annotator:
         profile = getattr(getattr(model, "config", None), "profile", None)  # how the model is best used
         segmenter_kwargs.setdefault("corrections_as_conditioning",
                                     True if profile is None else profile.corrections_as_conditioning)
-        self.segmenter = StackSegmenter(model, image, rgb=rgb, axis=axis, displayed=displayed, **segmenter_kwargs)
-        shape = tuple(image.shape[:-1] if rgb else image.shape)
+        # the view (rgb, axis, displayed) and the sessions' options are the segmenter's
+        self.segmenter = StackSegmenter(model, image, **segmenter_kwargs)
+        shape = tuple(image.shape[:-1] if self.segmenter.rgb else image.shape)
         if labels is None:
             labels = np.zeros(shape, np.uint16)
         elif tuple(labels.shape) != shape:
