@@ -87,7 +87,8 @@ def test_score_object_sorts_the_wrong_voxels_by_hand():
 
 
 def test_click_and_propagate_clicks_the_middle_of_each_object():
-    """The protocol itself: one click at the centre of the middle slice of each object."""
+    """The protocol itself: one click at the centre of the middle slice of each object
+    (tracked in the model profile's orientations, 8 for the nano architecture)."""
     labels = np.zeros((9, 64, 64), np.uint16)
     yy, xx = np.mgrid[:64, :64]
     for z in range(2, 7):  # object 1 on slices 2..6: middle slice 4

@@ -172,3 +172,31 @@ def test_images_and_stacks_share_one_default_intensity_mapping(predictor):
     assert FrameSource.for_model(predictor.model, img[None]).intensity_range == pytest.approx((lo, hi))
     u8 = (img / img.max() * 255).astype(np.uint8)
     torch.testing.assert_close(predictor.prepare_image(u8), predictor.prepare_image(u8, (0, 255)))
+
+
+def test_a_huge_frame_is_mapped_from_a_regular_sample(monkeypatch):
+    from napari_sam2.model import preprocess
+
+    rng = np.random.default_rng(0)
+    img = rng.gamma(2.0, 300.0, (300, 301)).astype(np.float32)
+    img[0, 0] = np.nan
+    exact = preprocess.default_intensity_range(img)
+    finite = img.astype(np.float64).ravel()
+    assert exact == pytest.approx(tuple(np.percentile(finite[np.isfinite(finite)], (0.5, 99.5))))
+    monkeypatch.setattr(preprocess, "MAX_RANGE_VALUES", 1000)  # 90300 values: every 91st
+    sample = img.ravel()[::91].astype(np.float64)
+    assert preprocess.default_intensity_range(img) == pytest.approx(
+        tuple(np.percentile(sample[np.isfinite(sample)], (0.5, 99.5))))
+
+
+def test_a_frame_source_keeps_its_own_mapping(predictor):
+    from napari_sam2.model.frames import FrameSource
+
+    stack = np.random.default_rng(1).normal(500, 50, (3, 20, 20))
+    src = FrameSource(stack, (0, 1000))
+    assert FrameSource.for_model(predictor.model, src) is src
+    assert FrameSource.for_model(predictor.model, src, (0, 1000), nonfinite="error") is src
+    with pytest.raises(InputError, match="already a FrameSource with its own intensity_range"):
+        FrameSource.for_model(predictor.model, src, (0, 10))
+    with pytest.raises(InputError, match="own nonfinite"):
+        FrameSource.for_model(predictor.model, src, nonfinite="background")

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .jobs import Executor, Job, JobQueue, SyncExecutor
+from .model.config import ModelProfile
 from .model.geometry import data_point, data_to_view, on_slice, point_rc, view_to_data
 from .model.preprocess import InputError
 from .model.roi import Roi, region_around
@@ -132,9 +133,9 @@ class Annotator:
         roi=None,
         **segmenter_kwargs,
     ) -> None:
-        profile = getattr(getattr(model, "config", None), "profile", None)  # how the model is best used
-        segmenter_kwargs.setdefault("corrections_as_conditioning",
-                                    True if profile is None else profile.corrections_as_conditioning)
+        # how the model is best used (a stand-in without a config gets the default profile)
+        profile = getattr(getattr(model, "config", None), "profile", None) or ModelProfile()
+        segmenter_kwargs.setdefault("corrections_as_conditioning", profile.corrections_as_conditioning)
         # the view (rgb, axis, displayed) and the sessions' options are the segmenter's
         self.segmenter = StackSegmenter(model, image, **segmenter_kwargs)
         shape = tuple(image.shape[:-1] if self.segmenter.rgb else image.shape)

@@ -134,8 +134,8 @@ class StackSegmenter:
         k = (self.key(position), self.region(roi))
         with self.lock:
             if k not in self.sessions:
-                frames = FrameSource(self.view(position), self.intensity_range, nonfinite=self.nonfinite,
-                                     percentiles=self.model.config.profile.percentiles)
+                frames = FrameSource.for_model(self.model, self.view(position), self.intensity_range,
+                                               nonfinite=self.nonfinite)
                 kwargs = dict(self.session_kwargs)
                 features = self._store_features(k, frames) if k[1] is None else None
                 if features is not None:

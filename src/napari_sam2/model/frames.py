@@ -36,7 +36,8 @@ class FrameSource:
 
     frames: array-like (N, H, W) or (N, H, W, C), C in 1, 3, 4.
     intensity_range: (low, high) mapped to black..white for every slice; default:
-    (0, 255) for uint8, else the 0.5 / 99.5 percentiles of up to ``sample`` slices.
+    (0, 255) for uint8, else the ``percentiles`` of up to ``sample`` slices (a model's
+    profile's: :meth:`for_model`).
     nonfinite: what a NaN or infinite value does: "error" (refuse the slice, the
     default) or "background" (it takes the low end of the intensity range, i.e. it
     becomes background; :attr:`nonfinite_slices` lists the slices where that happened).
@@ -90,9 +91,16 @@ class FrameSource:
 
     @classmethod
     def for_model(cls, model, frames, intensity_range: Optional[Sequence[float]] = None, **kwargs) -> "FrameSource":
-        """``frames`` (returned as they are if already a FrameSource) mapped as ``model``'s
-        profile says when no range is given (its ``percentiles``)."""
+        """``frames`` mapped as ``model``'s profile says when no range is given (its
+        ``percentiles``). A FrameSource is returned as it is; it keeps its own mapping and
+        NaN policy, and a different ``intensity_range`` or ``nonfinite`` is refused."""
         if isinstance(frames, FrameSource):
+            asked = dict(kwargs, intensity_range=check_range(intensity_range))
+            clash = [k for k, v in asked.items() if v is not None and k in ("intensity_range", "nonfinite")
+                     and getattr(frames, k, v) != v]
+            if clash:
+                raise InputError(f"the frames are already a FrameSource with its own {clash[0]} "
+                                 f"({getattr(frames, clash[0])!r}); give the array instead, or set it on the FrameSource")
             return frames
         return cls(frames, intensity_range, percentiles=model.config.profile.percentiles, **kwargs)
 

@@ -50,17 +50,26 @@ def check_xy(xy: np.ndarray, hw: Tuple[int, int], name: str, where: str = "image
         )
 
 
+#: at most this many values go into a default intensity range (above it, every k-th is used)
+MAX_RANGE_VALUES = 2**24
+
+
 def default_intensity_range(arr: np.ndarray, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
                             empty: str = "the image holds no finite value (all NaN or infinite); give intensity_range",
                             ) -> Tuple[float, float]:
     """The mapping used when none is given, one policy for images and stacks: uint8 data uses
     (0, 255); anything else the ``percentiles`` of its finite values (min and max where they
-    coincide)."""
+    coincide), from a regular sample of :data:`MAX_RANGE_VALUES` values on larger data."""
     arr = np.asarray(arr)
     if arr.dtype == np.uint8:
         return 0.0, 255.0
-    values = arr.astype(np.float64, copy=False).ravel()
-    return percentile_range(values[np.isfinite(values)], percentiles, empty)
+    flat = arr.reshape(-1)
+    if flat.size > MAX_RANGE_VALUES:  # a regular sample bounds the time and memory on huge frames
+        flat = flat[:: -(-flat.size // MAX_RANGE_VALUES)]
+    values = flat.astype(np.float64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        values = values[np.isfinite(values)]
+    return percentile_range(values, percentiles, empty)
 
 
 def percentile_range(values: np.ndarray, percentiles: Sequence[float], empty: str) -> Tuple[float, float]:

@@ -36,8 +36,8 @@ from .data import AnnotatedStack
 class Recipe:
     """Hooks of one experiment, all optional.
 
-    after_load(model, seed): once the starting weights are in place (:func:`make_model`),
-    e.g. to re-initialise a part; before_training(model, training stacks): on the training
+    after_load(model, seed): once the starting weights are in place (:func:`make_model`;
+    random ones too, with ``init="scratch"``), e.g. to re-initialise a part; before_training(model, training stacks): on the training
     device, before the optimiser is built, e.g. to rescale or freeze parts; lr_scales:
     (parameter-name prefix, factor) pairs, the named parameters learning at factor x the
     learning rate.
