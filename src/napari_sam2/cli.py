@@ -61,7 +61,9 @@ def _add_model_options(p: argparse.ArgumentParser, *, device: str = "auto", fast
     """--model, --checkpoint, --range, --device, and --fast / --overwrite where they apply."""
     p.add_argument("--model", help=f"registry name (default: the one --checkpoint holds, else {DEFAULT_MODEL}, bundled)")
     p.add_argument("--checkpoint", type=Path, help="local checkpoint file (default: bundled, or download the official one)")
-    p.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), help="intensity range mapped to black..white")
+    p.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="intensity range mapped to black..white (default: 0..255 for 8-bit data, else the "
+                        "model profile's percentiles, 0.5 and 99.5)")
     p.add_argument("--device", default=device, help=f"auto, cpu, cuda or mps (default {device})")
     if fast:
         p.add_argument("--fast", action="store_true", help="bfloat16 mode (faster on CPUs with AVX-512 BF16 / AMX and on GPUs)")
