@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-
 #: the command line's peak learning rate when fine-tuning (``init`` not "scratch") and none
 #: is given; ``TrainConfig.lr`` is the from-scratch one
 FINE_TUNE_LR = 3e-5
