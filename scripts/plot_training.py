@@ -16,7 +16,8 @@ def main(history_path: str, out_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hist = json.load(open(history_path))
+    with open(history_path) as f:
+        hist = json.load(f)
     steps = [h["step"] for h in hist]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
     tr = [(h["step"], h["train_loss"]) for h in hist if h.get("train_loss") == h.get("train_loss")]

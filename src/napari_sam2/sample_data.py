@@ -17,7 +17,7 @@ from typing import List, Tuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["nuclei_3d", "cells_2d_time", "random_stack", "make_nuclei_3d", "make_cells_2d_time"]
+__all__ = ["cells_2d_time", "make_cells_2d_time", "make_nuclei_3d", "nuclei_3d", "random_stack"]
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
@@ -170,13 +170,13 @@ def random_stack(seed: int, *, kind: str = "any", size: int = 0) -> Tuple[np.nda
     side = int(size) if size else int(rng.choice([160, 192, 224, 256, 288, 320]))
     scale = side / 192
     bright_lo = rng.uniform(0.2, 0.8)
-    common = dict(
-        brightness=(bright_lo, min(bright_lo + rng.uniform(0.1, 0.6), 1.2)),
-        texture=rng.uniform(0.05, 0.4),
-        noise=rng.uniform(40, 300),
-        background=rng.uniform(300, 1500),
-        gradient=rng.uniform(-0.3, 0.3),
-    )
+    common = {  # drawn in this order
+        "brightness": (bright_lo, min(bright_lo + rng.uniform(0.1, 0.6), 1.2)),
+        "texture": rng.uniform(0.05, 0.4),
+        "noise": rng.uniform(40, 300),
+        "background": rng.uniform(300, 1500),
+        "gradient": rng.uniform(-0.3, 0.3),
+    }
     sub = int(rng.integers(0, 2**31))
     if kind == "nuclei":
         r_lo = rng.uniform(7, 18) * scale
