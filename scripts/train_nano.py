@@ -94,21 +94,13 @@ def _local_memory_start(model, stacks) -> None:
 
 
 # The nano experiments' model surgery, by name (TrainConfig.recipes).
-register_recipe("nano: new memory path", Recipe(
-    after_load=lambda model, seed: reinitialise(model, MEMORY_PATH, seed),
-    description="the memory attention, memory encoder and memory time codes re-initialised (seeded)",
-))
-register_recipe("nano: local memory start", Recipe(
-    before_training=_local_memory_start, description=_local_memory_start.__doc__,
-))
-register_recipe("nano: mask-only memory", Recipe(
-    before_training=lambda model, stacks: model.memory_encoder.use_mask_only(),
-    description="memories from the mask alone: the memory encoder's image projection zero and frozen",
-))
-register_recipe("nano: appearance memory", Recipe(
-    lr_scales=(("memory_encoder.pix_feat_proj", 10.0),),
-    description="the memory encoder's image projection learns at 10 x the learning rate",
-))
+# the memory attention, memory encoder and memory time codes re-initialised (seeded)
+register_recipe("nano: new memory path", Recipe(after_load=lambda model, seed: reinitialise(model, MEMORY_PATH, seed)))
+register_recipe("nano: local memory start", Recipe(before_training=_local_memory_start))
+# memories from the mask alone: the memory encoder's image projection zero and frozen
+register_recipe("nano: mask-only memory", Recipe(before_training=lambda model, stacks: model.memory_encoder.use_mask_only()))
+# the memory encoder's image projection learns at 10 x the learning rate
+register_recipe("nano: appearance memory", Recipe(lr_scales=(("memory_encoder.pix_feat_proj", 10.0),)))
 
 TRAIN_SEEDS_1 = range(1000, 1064)
 TRAIN_SEEDS_2 = range(1000, 1096)

@@ -256,12 +256,11 @@ def test_ome_zarr_outputs_hold_what_the_tiffs_hold(tmp_path, one_thread):
     assert not [p for p in (tmp_path / "z").iterdir() if p.name.startswith(".")]
 
 
-def test_clicks_tracked_on_a_region_around_each_object(tmp_path, one_thread):
+def test_clicks_tracked_on_a_region_around_each_object(tmp_path, one_thread, nano):
     """--roi auto: each object on a 128 px square (the nano model's input) around its clicks,
     worked out by hand here; the expectation is a plain session on each cropped array."""
     from _stacks import paint_by_hand
 
-    from napari_sam2.model.checkpoint import load_model
     from napari_sam2.model.frames import FrameSource
     from napari_sam2.model.video import StackSession
 
@@ -275,7 +274,7 @@ def test_clicks_tracked_on_a_region_around_each_object(tmp_path, one_thread):
     assert r.status == "done", r.error
     got = tifffile.imread(tmp_path / "out" / "w_labels.tif")
 
-    model = load_model("sam2.1_nano_synthetic", None, device="cpu")
+    model = nano
     rng = FrameSource(image).intensity_range  # the stack's own mapping, as the batch uses
     # object 1: centred on (40, 40), moved inside the slice: rows 0:128, columns 0:128;
     # object 2: centred on (y 92, x 95): rows 28:156, columns 31:159

@@ -174,12 +174,11 @@ def test_box_protocol_tracks_both_ways_and_keeps_the_largest_part():
                                   largest_component(want))
 
 
-def test_cli_box_writes_the_protocols_mask_with_the_source_geometry(tmp_path, capsys):
+def test_cli_box_writes_the_protocols_mask_with_the_source_geometry(tmp_path, capsys, nano):
     from test_auto_stack import appearing_blob_stack
 
     from napari_sam2.cli import main
     from napari_sam2.medical import box_protocol
-    from napari_sam2.model.checkpoint import load_model
 
     image, truth = appearing_blob_stack(n=8, start=4, seed=41)
     affine = np.diag([0.7, 0.7, 3.0, 1.0])
@@ -190,7 +189,6 @@ def test_cli_box_writes_the_protocols_mask_with_the_source_geometry(tmp_path, ca
     seg = nib.load(str(tmp_path / "mask.nii.gz"))
     np.testing.assert_allclose(seg.affine, affine)
     got = np.asanyarray(seg.dataobj).transpose(2, 1, 0) > 0  # back to Z-Y-X
-    nano = load_model("sam2.1_nano_synthetic", None, device="cpu")
     want = box_protocol(nano, read_nifti(tmp_path / "ct.nii.gz").data, (26, 26, 54, 54), 4)
     np.testing.assert_array_equal(got, want)
     inter = (got & (truth == 1)).sum()

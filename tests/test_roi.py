@@ -204,13 +204,11 @@ def test_automatic_region_is_a_model_sized_square_around_the_first_click(model):
         ann.set_roi((0, 0, 100, 10))
 
 
-def test_segment_everything_in_a_region_equals_it_on_the_cropped_array():
+def test_segment_everything_in_a_region_equals_it_on_the_cropped_array(nano):
     from test_auto_stack import appearing_blob_stack
 
     from napari_sam2.controller import Annotator
-    from napari_sam2.model.checkpoint import load_model
 
-    nano = load_model("sam2.1_nano_synthetic", None, device="cpu")
     image, _truth = appearing_blob_stack(n=6, hw=(200, 260), start=0, seed=12)
     limits = (float(image.min()), float(image.max()))
     crop = np.ascontiguousarray(image[:, 0:150, 0:160])
@@ -253,13 +251,11 @@ def test_many_region_sessions_keep_their_objects_when_features_are_evicted(model
     np.testing.assert_array_equal(ann.labels, want)
 
 
-def test_segment_everything_tracks_objects_held_in_regions_first():
+def test_segment_everything_tracks_objects_held_in_regions_first(nano):
     from test_auto_stack import appearing_blob_stack
 
     from napari_sam2.controller import Annotator
-    from napari_sam2.model.checkpoint import load_model
 
-    nano = load_model("sam2.1_nano_synthetic", None, device="cpu")
     image, truth = appearing_blob_stack(n=8, start=0, seed=14)
     ann = Annotator(nano, image, axis=0, displayed=(1, 2), intensity_range=(400.0, 4400.0), orientations=1,
                     roi=Roi(0, 0, 100, 100))

@@ -11,6 +11,7 @@ from napari_sam2.model.preprocess import InputError
 from napari_sam2.model.sam2 import FrameFeatures
 from napari_sam2.sample_data import random_stack
 from napari_sam2.training import (
+    RECIPES,
     AnnotatedStack,
     Recipe,
     TrainConfig,
@@ -188,8 +189,9 @@ def test_resume_refuses_other_files(tmp_path):
         t.resume()
 
 
-def _nano_recipes():
-    """scripts/train_nano.py, imported: it registers the recipes the nano model was trained with."""
+@pytest.fixture(scope="module")
+def train_nano():
+    """scripts/train_nano.py, imported once: it registers the recipes the nano model was trained with."""
     import importlib.util
     from pathlib import Path
 
@@ -200,7 +202,16 @@ def _nano_recipes():
     return module
 
 
-def test_a_recipe_reinitialises_only_the_named_parts(tmp_path):
+@pytest.fixture
+def recipes():
+    """The recipe registry as it was, back after the test (tests register their own)."""
+    saved = dict(RECIPES)
+    yield RECIPES
+    RECIPES.clear()
+    RECIPES.update(saved)
+
+
+def test_a_recipe_reinitialises_only_the_named_parts(tmp_path, recipes):
     """init from a file, then a recipe's after_load hook re-initialises the memory path
     exactly as a fresh seeded model's."""
     from napari_sam2.model import build_model
@@ -229,7 +240,7 @@ def test_a_recipe_reinitialises_only_the_named_parts(tmp_path):
         make_model(cfg.replace(recipes=("test: fresh memroy",)))
 
 
-def test_nano_stage5_recipe_rescales_freezes_and_localises(tmp_path):
+def test_nano_stage5_recipe_rescales_freezes_and_localises(tmp_path, train_nano):
     """The start-of-run changes of the nano recipe's stage 5 (registered by
     scripts/train_nano.py), each checked from outside: the embedding norm measured afresh,
     weights compared before and after a step, the memory compared across two images, the
@@ -237,8 +248,7 @@ def test_nano_stage5_recipe_rescales_freezes_and_localises(tmp_path):
     from napari_sam2.model.common import apply_rope
     from napari_sam2.model.tracking import encode_memory
 
-    nano = _nano_recipes()
-    assert "nano: local memory start" in nano.STAGE_5.recipes
+    assert "nano: local memory start" in train_nano.STAGE_5.recipes
     cfg, tr, va = _small_run(tmp_path, init="scratch", recipes=("nano: local memory start",))
     trainer = Trainer(cfg, tr, va, tmp_path / "run")
     model = trainer.model
@@ -278,12 +288,11 @@ def test_nano_stage5_recipe_rescales_freezes_and_localises(tmp_path):
     assert torch.count_nonzero(after["memory_encoder.pix_feat_proj.weight"]) == 0
 
 
-def test_recipe_lr_scales_multiply_the_first_step_of_the_named_parameters(tmp_path):
+def test_recipe_lr_scales_multiply_the_first_step_of_the_named_parameters(tmp_path, train_nano, recipes):
     """Adam's first step moves each weight by about lr whatever its gradient, so with the
     same batch a parameter learning at 10 x the rate moves 10 x as far; the others alike.
     The nano recipe 'appearance memory' is such a scale."""
-    nano = _nano_recipes()
-    assert nano.STAGE_9.recipes == ("nano: appearance memory",)
+    assert train_nano.STAGE_9.recipes == ("nano: appearance memory",)
     cfg, tr, va = _small_run(tmp_path, init="scratch")
     moves = []
     for recipes in ((), ("nano: appearance memory",)):

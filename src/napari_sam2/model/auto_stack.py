@@ -168,6 +168,7 @@ def propose(generator: AutomaticMaskGenerator, image, intensity_range, params: S
     """Non-overlapping object masks on one 2D image (see the module's doc), best first.
     should_stop() is asked between batches of prompts (True: what was found so far)."""
     arr = np.asarray(image)
+    intensity_range = generator.intensity_mapping(arr, intensity_range)  # once for both passes
     hw = arr.shape[:2]
     rules = {"min_area": params.min_area, "max_area_fraction": params.max_area_fraction,
              "max_overlap": params.max_overlap, "size_weight": params.size_weight}

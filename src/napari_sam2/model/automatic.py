@@ -214,7 +214,7 @@ class AutomaticMaskGenerator:
         batches; when it says True the masks found so far are returned.
         """
         arr = check_image(image)
-        rng = check_range(intensity_range) or default_intensity_range(arr, self.predictor.model.config.profile.percentiles)
+        rng = self.intensity_mapping(arr, intensity_range)
         hw = arr.shape[:2]
         p = self.params
         boxes = crop_boxes(hw, p.crop_n_layers, p.crop_overlap_ratio)
@@ -230,13 +230,19 @@ class AutomaticMaskGenerator:
             found = [found[i] for i in keep.tolist()]
         return found
 
+    def intensity_mapping(self, image, intensity_range: Optional[Sequence[float]] = None) -> Tuple[float, float]:
+        """The (low, high) mapped to black and white for ``image``: the one given, else the
+        default (:meth:`generate`)."""
+        return check_range(intensity_range) or default_intensity_range(
+            check_image(image), self.predictor.model.config.profile.percentiles)
+
     def masks_at_points(self, image, points_xy, intensity_range: Optional[Sequence[float]] = None) -> List[AutoMask]:
         """One mask per single-click prompt (x, y pixels of ``image``): of the three masks the
         decoder gives for a click, the one with the highest predicted IoU (what a click gives
         in the tracker). Reuses the embedding when ``image`` is the one :meth:`generate` just
         saw whole (no crops); the masks come with their stability scores, unfiltered."""
         arr = check_image(image)
-        rng = check_range(intensity_range) or default_intensity_range(arr, self.predictor.model.config.profile.percentiles)
+        rng = self.intensity_mapping(arr, intensity_range)
         hw = arr.shape[:2]
         full = (0, 0, hw[1], hw[0])
         held = self._held

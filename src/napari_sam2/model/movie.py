@@ -55,12 +55,11 @@ def seed_from(session, previous: np.ndarray, how: str) -> None:
     from .auto_stack import interior_point
     from .video import largest_slices
 
+    if how == "mask":
+        session.add_label_volume(previous)
+        return
     for obj, z in largest_slices(previous, previous.shape).items():
-        mask = previous[z] == obj
-        if how == "mask":
-            session.add_mask(z, obj, mask)
-        else:
-            session.add_points(z, obj, points=[interior_point(mask)], labels=[1])
+        session.add_points(z, obj, points=[interior_point(previous[z] == obj)], labels=[1])
 
 
 def segment_movie(
@@ -103,11 +102,12 @@ def segment_movie(
     def session_at(t: int):
         return open_session(model, FrameSource(movie[t], rng, nonfinite=nonfinite), orientations=orientations, fast=fast)
 
-    def track(session, t: int) -> None:
+    def track(session, t: int) -> np.ndarray:
         labels = np.zeros(shape[1:], out.dtype)
         for z, masks in session.propagate("both", stop_after_absent=stop_after_absent):
             write_masks(labels, (z,), masks)
         out[t] = labels
+        return labels  # kept here: out may be on disk
 
     if auto is not None:
         from .auto_stack import segment_stack
@@ -115,7 +115,7 @@ def segment_movie(
         first = np.zeros(shape[1:], np.uint32)
         segment_stack(model, movie[0], rng, fast=fast, orientations=orientations, nonfinite=nonfinite, out=first,
                       should_stop=should_stop, **{"stop_after_absent": stop_after_absent, **auto})
-        out[0] = first
+        out[0] = previous = first
     else:
         session = session_at(0)
         if seeds is not None:
@@ -127,18 +127,17 @@ def segment_movie(
         else:
             for (z, obj), (xy, labs) in sorted(points.items()):
                 session.add_points(int(z), int(obj), points=xy, labels=labs, clear=False)
-        track(session, 0)
-    followed = sorted(int(i) for i in np.unique(np.asarray(out[0])) if i > 0)
+        previous = track(session, 0)
+    followed = sorted(int(i) for i in np.unique(previous) if i > 0)
     if progress is not None:
         progress(MovieEvent(0, shape[0], followed, []))
     for t in range(1, shape[0]):
         if stop() or not followed:
             break
-        previous = np.asarray(out[t - 1])
         session = session_at(t)
         seed_from(session, previous, seed_with)
-        track(session, t)
-        now = sorted(int(i) for i in np.unique(np.asarray(out[t])) if i > 0)
+        previous = track(session, t)
+        now = sorted(int(i) for i in np.unique(previous) if i > 0)
         lost = sorted(set(followed) - set(now))
         followed = now
         if progress is not None:

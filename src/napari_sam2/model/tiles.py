@@ -24,11 +24,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from .config import DEFAULT_PERCENTILES
-from .preprocess import InputError, default_intensity_range
+from .preprocess import InputError
 from .roi import Roi
 
-__all__ = ["Piece", "assemble", "default_overlap", "home_tile", "merge_pieces", "pieces_on_tile", "propose_tiled", "slice_range", "tile_pieces", "tile_regions"]
+__all__ = ["Piece", "assemble", "default_overlap", "home_tile", "merge_pieces", "pieces_on_tile", "propose_tiled", "tile_pieces", "tile_regions"]
 
 
 def default_overlap(tile: int) -> int:
@@ -190,16 +189,10 @@ def home_tile(box: Roi, tiles: Sequence[Roi]) -> Optional[Roi]:
     return best
 
 
-def slice_range(image: np.ndarray, intensity_range, percentiles=DEFAULT_PERCENTILES) -> Tuple[float, float]:
-    """One intensity mapping for every tile of a slice: the one given, else the slice's own
-    (``percentiles``: the model profile's)."""
-    return tuple(intensity_range) if intensity_range is not None else default_intensity_range(image, percentiles)
-
-
 def tile_pieces(generator, image: np.ndarray, intensity_range, params, tiles: Sequence[Roi],
                 should_stop: Optional[Callable[[], bool]] = None):
     """Yields (tile number, its pieces) tile by tile (stops when should_stop() says so)."""
-    rng = slice_range(image, intensity_range, generator.predictor.model.config.profile.percentiles)
+    rng = generator.intensity_mapping(image, intensity_range)  # one mapping for every tile of the slice
     for k, t in enumerate(tiles):
         if should_stop is not None and should_stop():
             return

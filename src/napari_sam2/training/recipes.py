@@ -46,7 +46,6 @@ class Recipe:
     after_load: Optional[Callable[[SAM2Model, int], None]] = None
     before_training: Optional[Callable[[SAM2Model, Sequence[AnnotatedStack]], None]] = None
     lr_scales: Tuple[Tuple[str, float], ...] = ()
-    description: str = ""
 
 
 RECIPES: Dict[str, Recipe] = {}
